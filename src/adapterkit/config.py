@@ -1,0 +1,117 @@
+"""AdapterConfig: one dataclass for every bottleneck-adapter kind."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+KINDS = ("houlsby", "pfeiffer", "parallel")
+ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh")
+
+# Where each kind puts its bottlenecks, and what feeds them:
+#   serial   -> fed by the sublayer's output, added to it (the adapter's own skip connection)
+#   parallel -> fed by the sublayer's input, scaled, added to its output (He et al. 2022)
+KIND_SITES: dict[str, tuple[str, ...]] = {
+    "houlsby": ("attn", "ffn"),  # after the attention output projection and after the FFN
+    "pfeiffer": ("ffn",),
+    "parallel": ("ffn",),
+}
+
+
+@dataclass
+class AdapterConfig:
+    """How one task's adapter is shaped.
+
+    Size it by ``bottleneck_size`` (r) or by ``reduction_factor`` (r = hidden_size // reduction_factor);
+    when neither is given, ``reduction_factor=16``.
+
+    Attributes:
+        kind: ``"houlsby"`` (serial after attention and FFN, trains layer norms), ``"pfeiffer"``
+            (serial after the FFN only) or ``"parallel"`` (fed by the FFN input, scaled, added to its
+            output).
+        activation: the bottleneck's nonlinearity: relu, gelu, silu (= swish) or tanh.
+        dropout: dropout on the bottleneck's output while training.
+        leave_out: layer indices that get no adapter (decoder layers of encoder-decoder models are
+            numbered after the encoder's).
+        scaling: multiplier on the bottleneck's output (defaults: 1.0 serial, 4.0 parallel).
+        train_layer_norms: train per-task layer-norm affines (default: True for houlsby only).
+        init_std: std of the truncated-normal init of both projections; biases start at zero, so the
+            adapter starts close to the identity.
+    """
+
+    kind: str = "houlsby"
+    bottleneck_size: int | None = None
+    reduction_factor: float | None = None
+    activation: str = "gelu"
+    dropout: float = 0.0
+    leave_out: list[int] = field(default_factory=list)
+    scaling: float | None = None
+    train_layer_norms: bool | None = None
+    init_std: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"AdapterConfig.kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"AdapterConfig.activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+        if self.activation == "swish":
+            self.activation = "silu"
+        if self.bottleneck_size is not None and self.reduction_factor is not None:
+            raise ValueError("give AdapterConfig either bottleneck_size or reduction_factor, not both")
+        if self.bottleneck_size is None and self.reduction_factor is None:
+            self.reduction_factor = 16
+        if self.bottleneck_size is not None and (
+            isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1
+        ):
+            raise ValueError(f"AdapterConfig.bottleneck_size must be a positive integer; got {self.bottleneck_size!r}")
+        if self.reduction_factor is not None and (
+            isinstance(self.reduction_factor, bool)
+            or not isinstance(self.reduction_factor, int | float)
+            or not self.reduction_factor > 0
+        ):
+            raise ValueError(f"AdapterConfig.reduction_factor must be a positive number; got {self.reduction_factor!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdapterConfig.dropout must be in [0, 1); got {self.dropout!r}")
+        if not isinstance(self.leave_out, list | tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.leave_out
+        ):
+            raise ValueError(f"AdapterConfig.leave_out must be a list of layer indices >= 0; got {self.leave_out!r}")
+        self.leave_out = sorted(set(self.leave_out))
+        if self.scaling is None:
+            self.scaling = 4.0 if self.kind == "parallel" else 1.0
+        if not isinstance(self.scaling, int | float) or not self.scaling > 0:
+            raise ValueError(f"AdapterConfig.scaling must be a positive number; got {self.scaling!r}")
+        self.scaling = float(self.scaling)
+        if self.train_layer_norms is None:
+            self.train_layer_norms = self.kind == "houlsby"
+        if not isinstance(self.init_std, int | float) or not self.init_std > 0:
+            raise ValueError(f"AdapterConfig.init_std must be a positive number; got {self.init_std!r}")
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The sublayer positions this kind adapts: a subset of ("attn", "ffn")."""
+        return KIND_SITES[self.kind]
+
+    @property
+    def parallel(self) -> bool:
+        return self.kind == "parallel"
+
+    def bottleneck_for(self, hidden_size: int) -> int:
+        """The bottleneck width r for a model of this hidden size."""
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, int(hidden_size // self.reduction_factor))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Build from a dict (e.g. an artifact's metadata); unknown keys are an error, not ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"adapter config must be a JSON object; got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown adapter config key(s): {', '.join(unknown)}")
+        return cls(**data)

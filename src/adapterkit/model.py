@@ -1,0 +1,560 @@
+"""AdapterModel: a Hugging Face model with bottleneck adapters attached, and its public API.
+
+The base model's code is never edited or copied. adapterkit finds a few of its modules by name
+(``sites.py``) and attaches to them: forward hooks on the attention and FFN output projections, a
+pre-hook capturing the FFN input (for parallel adapters), and a thin forward wrapper on each layer norm
+(for per-task norm affines). With no adapter routed, every hook returns at once and the base model's
+outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from . import __version__
+from .artifact import (
+    FORMAT,
+    FORMAT_VERSION,
+    ArtifactError,
+    BaseModelMismatch,
+    base_fingerprint,
+    fingerprints_match,
+    read_artifact,
+    write_artifact,
+)
+from .bank import NO_ADAPTERS, NoAdapters, Route, TaskAdapter, current_route, routed
+from .config import AdapterConfig
+from .heads import HEAD_TYPES, HEADLESS_TYPES, build_head, head_loss
+from .sites import SiteSpec, find_layers, guess_sites, sites_for
+
+AdapterNames = str | Sequence[str | None] | None
+_NAME_FORBIDDEN = set("/\\\x00")
+
+
+@dataclass
+class AdapterOutput(ModelOutput):
+    """Output of a forward pass through task heads.
+
+    ``logits``: (B, L) for sequence classification or (B, T, L) for token classification, where L is
+    the largest label count among the rows' tasks; a row's labels beyond its own task's count are -inf.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    trainable: int
+    base_total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(1, self.base_total)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} of {self.base_total:,} base params ({self.percent:.2f} %)"
+
+
+class _RoutedNorm:
+    """Replaces one norm module's ``forward`` (an instance attribute: the module tree, its state-dict
+    keys and its class are untouched) so a task's affine applies per row."""
+
+    def __init__(self, owner: AdapterModel, module: nn.Module, layer: int, index: int):
+        self.owner = weakref.ref(owner)
+        self.module = module
+        self.layer, self.index = layer, index
+        self.original = type(module).forward.__get__(module)
+        self.is_layer_norm = isinstance(module, nn.LayerNorm)
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        owner = self.owner()
+        route = owner._route() if owner is not None else None
+        if route is None:
+            return self.original(x, *args, **kwargs)
+        m = self.module
+        if route.single is not None:
+            affine = route.single.norm(self.layer, self.index)
+            if affine is None:
+                return self.original(x, *args, **kwargs)
+            scale, shift = affine.scale.to(x.dtype), affine.shift.to(x.dtype)
+            if self.is_layer_norm:  # fold into the norm's own affine: one fused kernel, as without adapters
+                w = scale if m.weight is None else m.weight * scale
+                b = shift if m.bias is None else m.bias * scale + shift
+                return F.layer_norm(x, m.normalized_shape, w, b, m.eps)
+            return torch.addcmul(shift, self.original(x, *args, **kwargs), scale)
+        per_slot = route.norm_affine(self.layer, self.index, x.dtype, x.device)
+        if per_slot is None:
+            return self.original(x, *args, **kwargs)
+        idx = route._row_index(x.shape[0], x.device)
+        scale, shift = per_slot[0][idx], per_slot[1][idx]  # (B, 1, d)
+        shape = x.shape
+        if self.is_layer_norm:
+            y = F.layer_norm(x, m.normalized_shape, None, None, m.eps).reshape(shape[0], -1, shape[-1])
+            if m.weight is not None:
+                shift = shift if m.bias is None else m.bias * scale + shift
+                scale = m.weight * scale
+            elif m.bias is not None:
+                shift = m.bias * scale + shift
+        else:
+            y = self.original(x, *args, **kwargs).reshape(shape[0], -1, shape[-1])
+        return torch.addcmul(shift, y, scale).reshape(shape)
+
+
+class AdapterModel(nn.Module):
+    """A transformers model plus any number of task adapters, routed per row.
+
+    Args:
+        base: any transformers model of a supported architecture, as loaded (``AutoModel``,
+            ``AutoModelForCausalLM``, ``AutoModelForSeq2SeqLM``, ``...ForSequenceClassification``...).
+            Its parameters are frozen by ``train_adapter``; its code is not touched.
+        sites: a ``SiteSpec`` for an architecture the table lacks, or ``"guess"`` to try the known
+            rows' module names on it; default: the table row of ``base.config.model_type``.
+    """
+
+    def __init__(self, base: nn.Module, sites: SiteSpec | str | None = None):
+        super().__init__()
+        self.base = base
+        if isinstance(sites, SiteSpec):
+            self.sites = sites
+        elif sites == "guess":
+            self.sites = guess_sites(base)
+        elif sites is None:
+            self.sites = sites_for(base.config.model_type)
+        else:
+            raise ValueError(f"sites must be a SiteSpec, 'guess' or None; got {sites!r}")
+        self.layer_sites = find_layers(base, self.sites)
+        self.hidden_size = _hidden_size(base.config)
+        self.adapters = nn.ModuleDict()
+        self._active: Route | None = None
+        self._handles: list[Any] = []
+        self._norm_wrappers: list[_RoutedNorm] = []
+        self._attach()
+        self._fingerprint: dict[str, Any] | None = None
+
+    # -- attaching -----------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        me = weakref.ref(self)  # hooks must not keep the model alive
+
+        def site_hook(layer: int, position: str):
+            def hook(module: nn.Module, args: tuple, out: torch.Tensor):
+                owner = me()
+                route = owner._route() if owner is not None else None
+                return None if route is None else route.apply_site(layer, position, out)
+
+            return hook
+
+        def capture_hook(layer: int):
+            def hook(module: nn.Module, args: tuple):
+                owner = me()
+                route = owner._route() if owner is not None else None
+                if route is not None and route.needs_ffn_input(layer):
+                    route.captured[layer] = args[0]
+
+            return hook
+
+        for ls in self.layer_sites:
+            self._handles.append(ls.attn_out.register_forward_hook(site_hook(ls.index, "attn")))
+            self._handles.append(ls.ffn_out.register_forward_hook(site_hook(ls.index, "ffn")))
+            self._handles.append(ls.ffn_in.register_forward_pre_hook(capture_hook(ls.index)))
+            for j, (_, norm) in enumerate(ls.norms):
+                wrapper = _RoutedNorm(self, norm, ls.index, j)
+                norm.forward = wrapper  # instance attribute shadows the class's forward
+                self._norm_wrappers.append(wrapper)
+
+    def detach(self) -> nn.Module:
+        """Remove every hook and wrapper and return the base model, exactly as it was."""
+        for h in self._handles:
+            h.remove()
+        for w in self._norm_wrappers:
+            if w.module.__dict__.get("forward") is w:
+                del w.module.forward
+        self._handles, self._norm_wrappers = [], []
+        return self.base
+
+    def _route(self) -> Route | None:
+        route = current_route()
+        if isinstance(route, NoAdapters):
+            return None
+        return route if route is not None else self._active
+
+    # -- managing adapters ---------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_sites)
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or name.strip() != name or any(c in _NAME_FORBIDDEN for c in name):
+            raise ValueError(f"adapter name must be a non-empty string without '/', '\\' or surrounding spaces; got {name!r}")
+        if "." in name:
+            raise ValueError(f"adapter name {name!r} may not contain '.' (it is a module name)")
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+
+    def _factory(self, dtype: torch.dtype | None) -> dict[str, Any]:
+        ref = self.layer_sites[0].ffn_out
+        p = next(ref.parameters())
+        return {"device": p.device, "dtype": dtype or p.dtype}
+
+    def _build(
+        self,
+        config: AdapterConfig,
+        task_type: str,
+        labels: list[str],
+        head_dropout: float,
+        dtype: torch.dtype | None,
+    ) -> TaskAdapter:
+        bad = [i for i in config.leave_out if i >= self.num_layers]
+        if bad:
+            raise ValueError(f"leave_out has layer indices {bad}, but this model has {self.num_layers} layers (0..{self.num_layers - 1})")
+        factory = self._factory(dtype)
+        head, head_spec = None, None
+        if task_type in HEAD_TYPES:
+            if not labels:
+                raise ValueError(f"a {task_type} task needs its label names (labels=[...])")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"label names must be distinct; got {labels}")
+            head_spec = {"type": task_type, "num_labels": len(labels), "dropout": head_dropout}
+            head = build_head(head_spec, self.hidden_size, self.sites.pooling).to(**factory)
+        elif task_type not in HEADLESS_TYPES:
+            raise ValueError(f"unknown head {task_type!r}; expected one of {', '.join(HEAD_TYPES + HEADLESS_TYPES)} or None")
+        return TaskAdapter(
+            config,
+            self.hidden_size,
+            [len(ls.norms) for ls in self.layer_sites],
+            head=head,
+            task={"type": task_type, "labels": list(labels)},
+            head_spec=head_spec,
+            **factory,
+        )
+
+    def add_adapter(
+        self,
+        name: str,
+        config: AdapterConfig | None = None,
+        *,
+        head: str | None = None,
+        labels: Sequence[str] = (),
+        head_dropout: float = 0.1,
+        dtype: torch.dtype | None = None,
+    ) -> TaskAdapter:
+        """Add a new, freshly initialised adapter (near identity) and, optionally, a task head.
+
+        Args:
+            head: ``"classification"``, ``"pair_classification"``, ``"token_classification"`` or None
+                (the base model's own outputs: its LM head for causal / seq2seq LMs).
+            labels: the task's label names, in logit order (required with a head).
+            dtype: parameter dtype (default: the base model's). Pass torch.float32 to train adapters
+                in full precision on a bf16/fp16 base.
+        """
+        self._check_new_name(name)
+        task_type = head or ("lm" if hasattr(self.base, "generate") and self.base.can_generate() else "none")
+        adapter = self._build(config or AdapterConfig(), task_type, list(labels), head_dropout, dtype)
+        adapter.train(self.training)
+        self.adapters[name] = adapter
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter (and its head). The active default is cleared if it used it."""
+        self._get(name)
+        if self._active is not None and any(a is self.adapters[name] for a in self._active.rows):
+            self._active = None
+        del self.adapters[name]
+
+    def list_adapters(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def adapter_info(self, name: str) -> dict[str, Any]:
+        a = self._get(name)
+        return {"name": name, "config": a.config.to_dict(), "task": dict(a.task), "parameters": _count(a)}
+
+    def labels(self, name: str) -> list[str]:
+        return list(self._get(name).task["labels"])
+
+    def _get(self, name: str) -> TaskAdapter:
+        if not isinstance(name, str) or name not in self.adapters:
+            known = ", ".join(self.adapters.keys()) or "none"
+            raise KeyError(f"unknown adapter {name!r}; loaded adapters: {known}")
+        return self.adapters[name]
+
+    def set_active_adapter(self, name: str | None) -> None:
+        """The adapter every forward uses when the call names none (None: no adapter)."""
+        self._active = None if name is None else Route.for_rows([self._get(name)])
+
+    @property
+    def active_adapter(self) -> str | None:
+        if self._active is None:
+            return None
+        return next(n for n, a in self.adapters.items() if a is self._active.single)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train_adapter(self, name: str) -> ParameterReport:
+        """Freeze everything, then unfreeze exactly adapter ``name``: its bottlenecks, its norm affines
+        (when its config trains layer norms) and its head. Makes it the active adapter."""
+        adapter = self._get(name)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in adapter.parameters():
+            p.requires_grad_(True)
+        self.set_active_adapter(name)
+        return self.trainable_parameters()
+
+    def trainable_parameters(self) -> ParameterReport:
+        """How many parameters train, against the base model's size."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return ParameterReport(trainable, _count(self.base))
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _make_route(self, names: AdapterNames) -> Route | NoAdapters | None:
+        if names is None:
+            return None  # the active default
+        if isinstance(names, str):
+            return Route.for_rows([self._get(names)])
+        rows = [None if n is None else self._get(n) for n in names]
+        if not rows:
+            raise ValueError("adapter_names is empty")
+        route = Route.for_rows(rows)
+        return NO_ADAPTERS if route is None else route
+
+    @contextmanager
+    def route(self, names: AdapterNames) -> Iterator[None]:
+        """Within the block, forward passes of this model (and of ``self.base``) use ``names``: one name
+        for the whole batch, or one per row (None: no adapter for that row). Thread- and asyncio-safe."""
+        route = self._make_route(names)
+        if route is None:
+            yield
+            return
+        with routed(route):
+            yield
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        adapter_names: AdapterNames = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the base model with adapters routed per row.
+
+        When the rows' tasks have heads, returns AdapterOutput (loss when ``labels`` are given);
+        otherwise the base model's own output (an LM's logits and loss, a bare encoder's hidden states).
+        """
+        inputs = {k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids)) if v is not None}
+        inputs.update(kwargs)
+        batch = _batch_size(inputs)
+        if adapter_names is not None and not isinstance(adapter_names, str) and batch is not None and len(adapter_names) != batch:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
+        route = self._make_route(adapter_names)
+        with routed(route) if route is not None else nullcontext():
+            effective = self._route()
+            names = _row_heads(effective, batch)
+            if names is None:  # no task head in play: the base model's own forward, labels and all
+                if labels is not None:
+                    inputs["labels"] = labels
+                return self.base(**inputs)
+            hidden = self.base.base_model(**inputs).last_hidden_state  # (B, T, d)
+            logits = _apply_heads(names, hidden, attention_mask)
+        loss = head_loss(logits, labels) if labels is not None else None
+        return AdapterOutput(loss=loss, logits=logits, last_hidden_state=hidden)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, adapter_names: AdapterNames = None, **kwargs: Any) -> Any:
+        """``base.generate`` with adapters routed per row (rows repeated for beams follow their row)."""
+        with self.route(adapter_names):
+            return self.base.generate(*args, **kwargs)
+
+    # -- HF conveniences (Trainer and friends look for these) ----------------------------------
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.base, "main_input_name", "input_ids")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    # -- one-file artifacts --------------------------------------------------------------------
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The base model's fingerprint (see artifact.base_fingerprint); cached."""
+        if self._fingerprint is None:
+            first, last = self.layer_sites[0], self.layer_sites[-1]
+            probes = [_weight(self.base.get_input_embeddings()), _weight(first.attn_out), _weight(last.ffn_out)]
+            self._fingerprint = base_fingerprint(self.base, probes)
+        return self._fingerprint
+
+    def save_adapter(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        *,
+        metrics: dict[str, float] | None = None,
+        description: str = "",
+    ) -> Path:
+        """Write adapter ``name`` (bottlenecks, norm affines, head) and its metadata to one
+        ``.safetensors`` file, atomically."""
+        adapter = self._get(name)
+        config = adapter.config.to_dict()
+        config["bottleneck_size"] = adapter.config.bottleneck_for(self.hidden_size)
+        config["reduction_factor"] = None
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "name": name,
+            "config": config,
+            "task": dict(adapter.task),
+            "head": adapter.head_spec,
+            "base": self.fingerprint(),
+            "metrics": dict(metrics or {}),
+            "description": description,
+        }
+        return write_artifact(path, adapter.state_dict(), metadata)
+
+    def load_adapter(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        *,
+        check_base: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> str:
+        """Load one artifact (a file path, or ``"hub:namespace/name@version"``) as adapter ``name``
+        (default: the name saved in it). Costs time in proportion to this adapter alone.
+
+        Everything is checked before the model changes: a bad file, metadata, base model or shape
+        raises and leaves the model exactly as it was.
+        """
+        if isinstance(path, str) and path.startswith("hub:"):
+            from .hub import resolve_reference  # the hub is optional; imported only when used
+
+            path = resolve_reference(path)
+        artifact = read_artifact(path)
+        meta = artifact.metadata
+        name = name or meta["name"]
+        self._check_new_name(name)
+        if check_base and not fingerprints_match(self.fingerprint(), meta["base"]):
+            raise BaseModelMismatch(str(path), self.fingerprint(), meta["base"])
+        try:
+            config = AdapterConfig.from_dict(meta["config"])
+        except (ValueError, TypeError) as e:
+            raise ArtifactError(f"{path}: bad adapter config in metadata: {e}") from None
+        task = meta["task"]
+        head_spec = meta.get("head")
+        if (task["type"] in HEAD_TYPES) != bool(head_spec):
+            raise ArtifactError(f"{path}: task type {task['type']!r} does not match its head {head_spec!r}")
+        if head_spec and head_spec.get("num_labels") != len(task.get("labels", [])):
+            raise ArtifactError(f"{path}: head has {head_spec.get('num_labels')} outputs but task lists {len(task.get('labels', []))} labels")
+        try:
+            adapter = self._build(
+                config, task["type"], task.get("labels", []), (head_spec or {}).get("dropout", 0.1), dtype
+            )
+        except ValueError as e:
+            raise ArtifactError(f"{path}: {e}") from None
+        _load_strict(adapter, artifact.tensors or {}, str(path))
+        adapter.train(self.training)
+        self.adapters[name] = adapter
+        return name
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _hidden_size(config: Any) -> int:
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot find the hidden size in {type(config).__name__}")
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    return module.weight
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _batch_size(inputs: dict[str, Any]) -> int | None:
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "attention_mask"):
+        v = inputs.get(key)
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+    return None
+
+
+def _row_heads(route: Route | None, batch: int | None) -> list[TaskAdapter] | None:
+    """The per-row adapters whose heads produce this batch's logits; None when no head is in play."""
+    if route is None:
+        return None
+    rows = route.rows * (batch if route.single is not None and batch else 1)
+    with_head = [a is not None and a.head is not None for a in rows]
+    if not any(with_head):
+        return None
+    if not all(with_head):
+        raise ValueError("a batch mixes rows whose tasks have a head with rows that have none; run them separately")
+    kinds = {a.task["type"] == "token_classification" for a in rows}
+    if len(kinds) > 1:
+        raise ValueError("a batch mixes sequence- and token-classification heads; run them separately")
+    return rows
+
+
+def _apply_heads(rows: list[TaskAdapter], hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Each row through its own task's head; label sets of different sizes are padded with -inf."""
+    if len({id(a) for a in rows}) == 1:
+        return rows[0].head(hidden, attention_mask)
+    width = max(len(a.task["labels"]) for a in rows)
+    groups: dict[int, list[int]] = {}
+    for i, a in enumerate(rows):
+        groups.setdefault(id(a), []).append(i)
+    out = None
+    for members in groups.values():
+        head = rows[members[0]].head
+        index = torch.tensor(members, device=hidden.device)
+        mask = attention_mask[index] if attention_mask is not None else None
+        logits = head(hidden[index], mask)
+        if out is None:
+            out = hidden.new_full((hidden.shape[0], *logits.shape[1:-1], width), float("-inf"), dtype=logits.dtype)
+        out[index, ..., : logits.shape[-1]] = logits
+    return out
+
+
+def _load_strict(adapter: TaskAdapter, tensors: dict[str, torch.Tensor], where: str) -> None:
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{where}: tensors do not match the adapter its metadata describes "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong:
+        raise ArtifactError(f"{where}: tensor shapes do not match: {'; '.join(wrong[:5])}")
+    adapter.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
