@@ -41,13 +41,62 @@ class Bottleneck(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
-        dt = z.dtype  # weights may be kept in float32 under a bf16/fp16 base
-        h = F.linear(z, self.down.weight.to(dt), self.down.bias.to(dt))
-        h = ACTIVATION_FNS[self.activation](h)
-        delta = F.linear(h, self.up.weight.to(dt), self.up.bias.to(dt))
+        """The delta alone (training with dropout, or to inspect an adapter)."""
+        h = self.hidden(z)
+        delta = F.linear(h, self.up.weight.to(h.dtype), self.up.bias.to(h.dtype))
         if self.scaling != 1.0:
             delta = delta * self.scaling
         return F.dropout(delta, self.dropout, self.training) if self.dropout else delta
+
+    def hidden(self, z: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., r)
+        dt = z.dtype  # weights may be kept in float32 under a bf16/fp16 base
+        h = F.linear(z, self.down.weight.to(dt), self.down.bias.to(dt))
+        return ACTIVATION_FNS[self.activation](h)
+
+    def add_to(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``out + delta(z)``, with the up-projection, the scaling and the residual add fused into one
+        matmul-accumulate (in place when autograd is off): (..., d) -> (..., d)."""
+        if self.dropout and self.training:
+            return out + self(z)
+        h = self.hidden(z)
+        up = self.packed_up(out.dtype)  # (r + 1, d): scaled weight rows, then the scaled bias row
+        h = h.reshape(-1, h.shape[-1])
+        flat = out.view(-1, out.shape[-1])
+        if torch.is_grad_enabled():
+            return (torch.addmm(flat, h, up[:-1]) + up[-1]).view(out.shape)
+        return flat.addmm_(h, up[:-1]).add_(up[-1]).view(out.shape)  # the projection's fresh output
+
+    def packed_up(self, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+        """[up.weight.T * scaling; up.bias * scaling] padded to ``width`` rows: (width + 1, d).
+
+        Cached while autograd is off (inference); rebuilt when the weights change in place.
+        """
+        width = width or self.up.in_features
+        key = (dtype, width, self.up.weight._version, self.up.bias._version)
+        grad = torch.is_grad_enabled()
+        cached = getattr(self, "_packed", None)
+        if not grad and cached is not None and cached[0] == key and cached[1].is_inference() == torch.is_inference_mode_enabled():
+            return cached[1]
+        r = self.up.in_features
+        w = self.up.weight.t().to(dtype)
+        b = self.up.bias.to(dtype)[None]
+        if width > r:
+            w = torch.cat([w, w.new_zeros(width - r, w.shape[1])])
+        up = torch.cat([w, b])
+        if self.scaling != 1.0:
+            up = up * self.scaling
+        if not grad:
+            self._packed = (key, up)
+        return up
+
+    def packed_down(self, dtype: torch.dtype, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """down.weight.T and down.bias zero-padded to ``width`` units: (d, width), (1, width)."""
+        r = self.down.out_features
+        w, b = self.down.weight.t().to(dtype), self.down.bias.to(dtype)[None]
+        if width > r:  # padded units get zero weights in and out: exact
+            w = torch.cat([w, w.new_zeros(w.shape[0], width - r)], dim=1)
+            b = torch.cat([b, b.new_zeros(1, width - r)], dim=1)
+        return w, b
 
 
 class NormAffine(nn.Module):
@@ -147,17 +196,14 @@ class Route:
             )
         return self.cache[key]
 
-    def _row_index(self, n: int, device: torch.device) -> torch.Tensor:
-        """Row -> slot index (0 = no adapter), expanded when generate() repeats rows (beams)."""
-        key = ("index", n, device)
-        if key not in self.cache:
-            slots = {id(a): k + 1 for k, a in enumerate(self.adapters)}
-            idx = torch.tensor([slots.get(id(a), 0) for a in self.rows], device=device)
-            b = len(self.rows)
-            if n % b:
-                raise ValueError(f"adapter route has {b} rows but the batch at this layer has {n}")
-            self.cache[key] = idx.repeat_interleave(n // b) if n != b else idx
-        return self.cache[key]
+    def expand(self, per_row: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-row tensor (B, ...) for a batch of n rows: generate() repeats each row for beams."""
+        rows = len(self.rows)
+        if n == rows:
+            return per_row
+        if n % rows:
+            raise ValueError(f"adapter route has {rows} rows but the batch at this layer has {n}")
+        return per_row.repeat_interleave(n // rows, dim=0)
 
     # -- sites ---------------------------------------------------------------------------------
 
@@ -167,97 +213,93 @@ class Route:
             b = self.single.bottleneck(layer, position)
             if b is None:
                 return None
-            z = self.captured.pop(layer) if b.parallel else out
-            delta = b(z)
-            if torch.is_grad_enabled():
-                return out + delta
-            return out.add_(delta)  # the projection's own fresh output: safe to reuse without autograd
+            return b.add_to(out, self.captured.pop(layer) if b.parallel else out)
         return self._apply_mixed(layer, position, out)
 
     def _stacked(self, layer: int, position: str, dtype: torch.dtype, device: torch.device):
-        """Per-slot weights for one site, slot 0 all zeros: (K+1, d, r) etc., r padded to the widest."""
+        """Per-row weights for one site, built once per route: down (B, d, r), down bias (B, 1, r),
+        packed up (B, r + 1, d); r padded to the widest adapter; rows without one get zeros."""
         key = ("site", layer, position, dtype, device)
         if key in self.cache:
             return self.cache[key]
-        blocks = [a.bottleneck(layer, position) for a in self.adapters]
-        live = [b for b in blocks if b is not None]
+        blocks = {id(a): a.bottleneck(layer, position) for a in self.adapters}
+        live = [b for b in blocks.values() if b is not None]
         if not live:
             self.cache[key] = None
             return None
         d = live[0].down.in_features
         r = max(b.down.out_features for b in live)
-        k = len(blocks) + 1
-        zeros = dict(dtype=dtype, device=device)
-        down_w, down_b = torch.zeros(k, d, r, **zeros), torch.zeros(k, 1, r, **zeros)
-        up_w, up_b = torch.zeros(k, r, d, **zeros), torch.zeros(k, 1, d, **zeros)
-        parallel = torch.zeros(k, dtype=torch.bool, device=device)
-        keep = torch.ones(k, 1, 1, dtype=dtype, device=device)
+        packs = {}
+        for k, b in blocks.items():
+            if b is not None:
+                packs[k] = (*b.packed_down(dtype, r), b.packed_up(dtype, r))
+        zeros = (torch.zeros(d, r, dtype=dtype, device=device), torch.zeros(1, r, dtype=dtype, device=device),
+                 torch.zeros(r + 1, d, dtype=dtype, device=device))
+        row_packs = [packs.get(id(a), zeros) if a is not None else zeros for a in self.rows]
+        down_w, down_b, up = (torch.stack([p[i] for p in row_packs]) for i in range(3))
+        row_blocks = [blocks.get(id(a)) if a is not None else None for a in self.rows]
+        parallel = torch.tensor([b is not None and b.parallel for b in row_blocks], device=device)
         activations: dict[str, list[int]] = {}
-        for slot, b in enumerate(blocks, start=1):
-            if b is None:
-                continue
-            w = b.down.out_features
-            # Zero padding of r is exact: padded units get zero input weights and zero output weights.
-            down_w[slot, :, :w] = b.down.weight.t()
-            down_b[slot, 0, :w] = b.down.bias
-            up_w[slot, :w] = b.up.weight.t() * b.scaling
-            up_b[slot, 0] = b.up.bias * b.scaling
-            parallel[slot] = b.parallel
-            keep[slot] = 1.0 - (b.dropout if b.training else 0.0)
-            activations.setdefault(b.activation, []).append(slot)
-        entry = (down_w, down_b, up_w, up_b, parallel, keep, activations)
+        for i, b in enumerate(row_blocks):
+            if b is not None:
+                activations.setdefault(b.activation, []).append(i)
+        dropout = [b.dropout if b is not None and b.training else 0.0 for b in row_blocks]
+        entry = (down_w, down_b, up, parallel, activations, dropout)
         self.cache[key] = entry
         return entry
 
     def _apply_mixed(self, layer: int, position: str, out: torch.Tensor) -> torch.Tensor | None:
         stacked = self._stacked(layer, position, out.dtype, out.device)
+        captured = self.captured.pop(layer, None) if position == "ffn" else None
         if stacked is None:
-            if position == "ffn":
-                self.captured.pop(layer, None)
             return None
-        down_w, down_b, up_w, up_b, parallel, keep, activations = stacked
-        idx = self._row_index(out.shape[0], out.device)  # (B,)
+        down_w, down_b, up, parallel, activations, dropout = stacked
+        n, rows = out.shape[0], len(self.rows)
+        if n != rows:  # generate() repeats each row for beams / return sequences, row by row
+            down_w, down_b, up, parallel = (self.expand(t, n) for t in (down_w, down_b, up, parallel))
+            rep = n // rows
+            activations = {a: [i * rep + j for i in idx for j in range(rep)] for a, idx in activations.items()}
+            dropout = [p for p in dropout for _ in range(rep)]
         shape = out.shape
-        x = out.reshape(shape[0], -1, shape[-1])  # (B, T, d)
-        row_parallel = parallel[idx]
-        if position == "ffn" and layer in self.captured:
-            inp = self.captured.pop(layer).reshape(x.shape)
-            z = torch.where(row_parallel[:, None, None], inp, x) if not row_parallel.all() else inp
-        else:
-            z = x
-        h = torch.baddbmm(down_b[idx], z, down_w[idx])  # (B, T, r)
+        x = out.reshape(n, -1, shape[-1])  # (B, T, d)
+        z = x
+        if captured is not None and bool(parallel.any()):
+            inp = captured.reshape(x.shape)
+            z = inp if bool(parallel.all()) else torch.where(parallel[:, None, None], inp, x)
+        h = torch.baddbmm(down_b, z, down_w)  # (B, T, r)
         if len(activations) == 1:
             h = ACTIVATION_FNS[next(iter(activations))](h)
-        else:  # rows of different activations: each row gets its own (any of them maps 0 to 0)
-            slot_act = {s: name for name, slots in activations.items() for s in slots}
+        else:  # rows of different activations: each its own (rows without an adapter have h = 0)
             acted = torch.zeros_like(h)
-            for name in activations:
-                rows = torch.tensor([slot_act.get(int(s)) == name for s in idx], device=h.device)
-                acted[rows] = ACTIVATION_FNS[name](h[rows])
+            for name, members in activations.items():
+                index = torch.tensor(members, device=h.device)
+                acted[index] = ACTIVATION_FNS[name](h[index])
             h = acted
-        delta = torch.baddbmm(up_b[idx], h, up_w[idx])  # (B, T, d), scaling folded into up
-        if any(a.training for a in self.adapters) and bool((keep < 1).any()):
-            k = keep[idx]
-            delta = delta * torch.bernoulli(k.expand_as(delta)) / k
-        return (x + delta).reshape(shape)
+        up_w, up_b = up[:, :-1], up[:, -1:]  # (B, r, d), (B, 1, d)
+        if any(dropout):
+            keep = torch.tensor([1.0 - p for p in dropout], dtype=h.dtype, device=h.device)[:, None, None]
+            delta = torch.baddbmm(up_b, h, up_w)
+            return (x + delta * torch.bernoulli(keep.expand_as(delta)) / keep).reshape(shape)
+        if torch.is_grad_enabled():
+            return (torch.baddbmm(x, h, up_w) + up_b).reshape(shape)
+        return x.baddbmm_(h, up_w).add_(up_b).reshape(shape)  # residual + up-projection, one kernel
 
     # -- norms ---------------------------------------------------------------------------------
 
     def norm_affine(self, layer: int, index: int, dtype: torch.dtype, device: torch.device):
-        """Per-row (scale, shift) of one norm, shapes (B', 1, d); None when no row's task trains it."""
+        """Per-row (scale, shift) of one norm, each (B, 1, d); None when no row's task trains it."""
         key = ("norm", layer, index, dtype, device)
         if key not in self.cache:
-            norms = [a.norm(layer, index) for a in self.adapters]
-            if all(n is None for n in norms):
+            norms = {id(a): a.norm(layer, index) for a in self.adapters}
+            live = [n for n in norms.values() if n is not None]
+            if not live:
                 self.cache[key] = None
             else:
-                d = next(n for n in norms if n is not None).scale.shape[0]
-                scale = torch.ones(len(norms) + 1, 1, d, dtype=dtype, device=device)
-                shift = torch.zeros(len(norms) + 1, 1, d, dtype=dtype, device=device)
-                for slot, n in enumerate(norms, start=1):
-                    if n is not None:
-                        scale[slot, 0] = n.scale
-                        shift[slot, 0] = n.shift
+                d = live[0].scale.shape[0]
+                one, zero = torch.ones(1, d, dtype=dtype, device=device), torch.zeros(1, d, dtype=dtype, device=device)
+                row_norms = [norms.get(id(a)) if a is not None else None for a in self.rows]
+                scale = torch.stack([one if n is None else n.scale.to(dtype)[None] for n in row_norms])
+                shift = torch.stack([zero if n is None else n.shift.to(dtype)[None] for n in row_norms])
                 self.cache[key] = (scale, shift)
         return self.cache[key]
 

