@@ -528,7 +528,7 @@ def _row_heads(route: Route | None, batch: int | None) -> list[TaskAdapter] | No
     """The per-row adapters whose heads produce this batch's logits; None when no head is in play."""
     if route is None:
         return None
-    rows = route.rows * (batch if route.single is not None and batch else 1)
+    rows = [route.single] * (batch or 1) if route.single is not None else route.rows
     with_head = [a is not None and a.head is not None for a in rows]
     if not any(with_head):
         return None

@@ -50,6 +50,12 @@ class TooLarge(HubError):
     status = 413
 
 
+class Unavailable(HubError):
+    """The hub server cannot be reached."""
+
+    status = 503
+
+
 class IntegrityError(HubError):
     """Stored or downloaded bytes whose sha256 is not the one on record."""
 
