@@ -1,0 +1,191 @@
+"""Load on a hub server over loopback: publishes/s and downloads/s with p50/p99 latency.
+
+    python benchmarks/hub_load.py --quick --json out/hub_load.json
+
+Starts a server subprocess on 127.0.0.1 (a fresh registry in a temp folder), publishes a fixed number
+of distinct artifacts from ``--concurrency`` threads, then downloads a fixed number of them (checking
+each body's sha256). Every failed request, wrong status or wrong byte counts in ``errors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+from adapterkit.artifact import FORMAT, FORMAT_VERSION, write_artifact
+from adapterkit.hub.registry import LocalRegistry
+from adapterkit.hub.tokens import TokenStore
+
+START_TIMEOUT = 120.0
+
+
+def make_artifacts(folder: Path, count: int, hidden: int, r: int, layers: int) -> list[Path]:
+    """Distinct, valid artifacts (random bottleneck weights) for one made-up base model."""
+    fp = {
+        "model_type": "bert", "name_or_path": "bench-bert", "hidden_size": hidden, "num_layers": layers,
+        "vocab_size": 30522, "probe": [0.01 * i for i in range(15)], "id": f"bert-{hidden}x{layers}-0123456789ab",
+    }
+    paths = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        tensors = {}
+        for layer in range(layers):
+            tensors[f"layers.{layer}.ffn.down"] = torch.randn(hidden, r, generator=g) * 1e-2
+            tensors[f"layers.{layer}.ffn.up"] = torch.randn(r, hidden, generator=g) * 1e-2
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": "bench", "name": f"task{i}",
+            "config": {"kind": "pfeiffer", "bottleneck_size": r}, "task": {"type": "none", "labels": []},
+            "head": None, "base": fp,
+        }
+        paths.append(write_artifact(folder / f"a{i}.safetensors", tensors, meta))
+    return paths
+
+
+def start_server(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "adapterkit.hub", "serve", "--root", str(root), "--fd", str(sock.fileno()), "--log-level", "warning"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, pass_fds=(sock.fileno(),), stdout=out, stderr=subprocess.STDOUT)
+    sock.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def run_phase(jobs: list, concurrency: int, url: str, do) -> tuple[list[float], int, float]:
+    """Run ``do(client, job)`` for every job from ``concurrency`` threads; latencies (s), errors, wall (s)."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(job) -> None:
+        nonlocal errors
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=url, timeout=60)
+        t0 = time.perf_counter()
+        try:
+            ok = do(local.client, job)
+        except httpx.HTTPError:
+            ok = False
+        dt = time.perf_counter() - t0
+        with lock:
+            latencies.append(dt)
+            errors += 0 if ok else 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, jobs))
+    return latencies, errors, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer requests (well under 2 minutes)")
+    p.add_argument("--json", help="write the results as flat JSON here")
+    p.add_argument("--publishes", type=int)
+    p.add_argument("--downloads", type=int)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--hidden", type=int, default=768, help="artifact size knob: hidden size of the made-up base")
+    p.add_argument("--bottleneck", type=int, default=16)
+    p.add_argument("--layers", type=int, default=4)
+    args = p.parse_args(argv)
+    publishes = args.publishes or (40 if args.quick else 200)
+    downloads = args.downloads or (400 if args.quick else 4000)
+    concurrency = args.concurrency or (8 if args.quick else 16)
+
+    with tempfile.TemporaryDirectory(prefix="hub-load-") as tmp:
+        tmp_path = Path(tmp)
+        root = tmp_path / "root"
+        token = TokenStore(LocalRegistry(root)).create("bench")[1]
+        files = make_artifacts(tmp_path, publishes, args.hidden, args.bottleneck, args.layers)
+        bodies = [f.read_bytes() for f in files]
+        shas = [hashlib.sha256(b).hexdigest() for b in bodies]
+        proc, url = start_server(root, tmp_path / "server.log")
+        try:
+            auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+
+            def publish(client: httpx.Client, i: int) -> bool:
+                r = client.post(f"/api/adapters/bench/a{i}/versions", content=bodies[i], headers={**auth, "X-Content-SHA256": shas[i]})
+                return r.status_code == 201 and r.json()["sha256"] == shas[i]
+
+            pub_lat, pub_err, pub_wall = run_phase(list(range(publishes)), concurrency, url, publish)
+
+            rng = random.Random(0)
+            picks = [rng.randrange(publishes) for _ in range(downloads)]
+
+            def download(client: httpx.Client, i: int) -> bool:
+                r = client.get(f"/api/adapters/bench/a{i}/versions/1/file")
+                return r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == shas[i]
+
+            dl_lat, dl_err, dl_wall = run_phase(picks, concurrency, url, download)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    size = len(bodies[0])
+    result = {
+        "quick": bool(args.quick),
+        "concurrency": concurrency,
+        "artifact_bytes": size,
+        "publishes": publishes,
+        "publish_per_s": round(publishes / pub_wall, 2),
+        "publish_p50_ms": round(percentile(pub_lat, 50) * 1e3, 2),
+        "publish_p99_ms": round(percentile(pub_lat, 99) * 1e3, 2),
+        "downloads": downloads,
+        "download_per_s": round(downloads / dl_wall, 2),
+        "download_p50_ms": round(percentile(dl_lat, 50) * 1e3, 2),
+        "download_p99_ms": round(percentile(dl_lat, 99) * 1e3, 2),
+        "download_mib_per_s": round(downloads * size / dl_wall / (1 << 20), 2),
+        "errors": pub_err + dl_err,
+        "cpu_count": os.cpu_count() or 0,
+    }
+    print(f"hub load on loopback: {concurrency} threads, artifacts of {size / 1024:.0f} KiB, errors={result['errors']}")
+    print(f"{'':10}{'requests':>10}{'per s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for what, n in (("publish", publishes), ("download", downloads)):
+        print(f"{what:10}{n:>10}{result[what + '_per_s']:>10}{result[what + '_p50_ms']:>10}{result[what + '_p99_ms']:>10}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""``adapterkit hub …``: serve, push, pull, search, info, yank, delete, token create/revoke/list.
+
+The registry is ``--registry URL|PATH``, else ``$ADAPTERKIT_REGISTRY``, else the default local one;
+the token is ``--token``, else ``$ADAPTERKIT_TOKEN``. Errors are one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..artifact import ArtifactError
+from .errors import HubError
+from .registry import AdapterVersion, LocalRegistry, Registry, default_home
+from .resolve import open_registry
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _metrics(m: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    reg = open_registry(args.registry, token=getattr(args, "token", None))
+    if hasattr(reg, "progress"):
+        reg.progress = True  # bars on a terminal only (tqdm decides)
+    return reg
+
+
+def _close(reg: Registry) -> None:
+    close = getattr(reg, "close", None)
+    if close is not None:
+        close()
+
+
+def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the errors a user can cause into one line on stderr and exit code 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (HubError, ArtifactError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve  # needs fastapi and uvicorn
+
+    serve(
+        args.root or default_home(),
+        args.host,
+        args.port,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        fd=args.fd,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    metrics = json.loads(args.metrics) if args.metrics else None
+    base: Any = args.base
+    if base and Path(base).is_file():  # a fingerprint saved as JSON
+        base = json.loads(Path(base).read_text())
+    reg = _registry(args)
+    try:
+        info = reg.publish(args.file, args.ref, version=args.version, description=args.description, metrics=metrics, base=base)
+    finally:
+        _close(reg)
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+    else:
+        print(f"published {info.ref}  ({_size(info.size)}, sha256 {info.sha256[:12]}…, base {info.base_id})")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        info = reg.info(args.ref)
+        path = reg.download(args.ref)
+    finally:
+        _close(reg)
+    if info.yanked:
+        print(f"warning: {info.ref} is yanked{': ' + info.yank_reason if info.yank_reason else ''}", file=sys.stderr)
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            out = out / f"{info.namespace}-{info.name}-{info.version}.safetensors"
+        shutil.copyfile(path, out)
+        path = out
+    print(path)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        found = reg.search(
+            args.text,
+            base_id=args.base_id,
+            model_type=args.model_type,
+            task_type=args.task_type,
+            kind=args.kind,
+            name_or_path=args.model,
+            limit=args.limit,
+        )
+    finally:
+        _close(reg)
+    if args.json:
+        print(json.dumps([v.to_dict() for v in found], indent=2))
+        return 0
+    if not found:
+        print("no adapters found")
+        return 0
+    rows = [
+        (v.ref, v.name_or_path or v.model_type, v.task_type, f"{v.kind}/{v.bottleneck_size or '?'}", _size(v.size), _metrics(v.metrics))
+        for v in found
+    ]
+    print(_table(("ADAPTER", "BASE MODEL", "TASK", "KIND/R", "SIZE", "METRICS"), rows))
+    return 0
+
+
+def _describe(v: AdapterVersion) -> str:
+    lines = [
+        ("adapter", v.ref + (f"  (yanked: {v.yank_reason or 'no reason given'})" if v.yanked else "")),
+        ("description", v.description),
+        ("base model", f"{v.name_or_path or '?'} ({v.model_type}, fingerprint {v.base_id})"),
+        ("task", v.task_type + (f": {', '.join(v.labels)}" if v.labels else "")),
+        ("kind", f"{v.kind}, bottleneck {v.bottleneck_size}"),
+        ("metrics", _metrics(v.metrics)),
+        ("size", _size(v.size)),
+        ("sha256", v.sha256),
+        ("published", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(v.created)) + (f" by {v.publisher}" if v.publisher else "")),
+    ]
+    return "\n".join(f"{k + ':':13}{val}" for k, val in lines if val)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        info = reg.info(args.ref)
+        versions = reg.versions(info.adapter)
+    finally:
+        _close(reg)
+    if args.json:
+        print(json.dumps({"adapter": info.to_dict(), "versions": [v.to_dict() for v in versions]}, indent=2))
+        return 0
+    print(_describe(info))
+    print()
+    rows = [
+        (v.version + (" (yanked)" if v.yanked else ""), time.strftime("%Y-%m-%d", time.gmtime(v.created)), _size(v.size), v.sha256[:12], _metrics(v.metrics))
+        for v in versions
+    ]
+    print(_table(("VERSION", "DATE", "SIZE", "SHA256", "METRICS"), rows))
+    return 0
+
+
+def cmd_yank(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        info = reg.yank(args.ref, args.reason)
+    finally:
+        _close(reg)
+    print(f"yanked {info.ref}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        reg.delete(args.ref)
+    finally:
+        _close(reg)
+    print(f"deleted {args.ref} (its version number stays taken)")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from .tokens import TokenStore
+
+    info, token = TokenStore(LocalRegistry(args.root)).create(args.owner)
+    print(f"created token {info.id} for {info.owner}; it is shown only once:", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from .tokens import TokenStore
+
+    info = TokenStore(LocalRegistry(args.root)).revoke(args.token)
+    print(f"revoked token {info.id} of {info.owner}")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from .tokens import TokenStore
+
+    rows = [
+        (t.id, t.owner, time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.created)), "revoked" if t.revoked else "active")
+        for t in TokenStore(LocalRegistry(args.root)).list()
+    ]
+    print(_table(("ID", "OWNER", "CREATED", "STATE"), rows) if rows else "no tokens")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_registry(p: argparse.ArgumentParser, token: bool = False) -> None:
+    p.add_argument("--registry", help="hub URL (http://…) or registry folder (default: $ADAPTERKIT_REGISTRY, else ~/.cache/adapterkit)")
+    if token:
+        p.add_argument("--token", help="publishing token (default: $ADAPTERKIT_TOKEN)")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the hub's subcommands to ``sub``."""
+    p = sub.add_parser("serve", help="run the hub server (JSON API + web page)")
+    p.add_argument("--root", help="registry folder (default: $ADAPTERKIT_HOME or ~/.cache/adapterkit)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--max-upload-mb", type=float, default=256.0, help="largest accepted artifact (default 256)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # serve on an inherited listening socket
+    p.set_defaults(func=_guarded(cmd_serve))
+
+    p = sub.add_parser("push", help="publish an artifact as namespace/name[@version]")
+    p.add_argument("file")
+    p.add_argument("ref", help="namespace/name or namespace/name@version")
+    p.add_argument("--version", help="version to publish (default: next whole number)")
+    p.add_argument("--description")
+    p.add_argument("--metrics", help='JSON object, e.g. \'{"accuracy": 0.91}\'')
+    p.add_argument("--base", help="the base model's fingerprint id, or a JSON file with its fingerprint; must match")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_registry(p, token=True)
+    p.set_defaults(func=_guarded(cmd_push))
+
+    p = sub.add_parser("pull", help="download (and verify) an adapter; prints the local path")
+    p.add_argument("ref", help="namespace/name[@version|@latest]")
+    p.add_argument("-o", "--output", help="copy the file here (a file name or a folder)")
+    _add_registry(p)
+    p.set_defaults(func=_guarded(cmd_pull))
+
+    p = sub.add_parser("search", help="find adapters")
+    p.add_argument("text", nargs="?", help="words to look for in names, descriptions, labels, base models")
+    p.add_argument("--base-id", help="base model fingerprint id")
+    p.add_argument("--model", help="base model id or path, e.g. bert-base-uncased")
+    p.add_argument("--model-type", help="e.g. bert, gpt2, llama")
+    p.add_argument("--task-type", help="e.g. classification, token_classification, lm")
+    p.add_argument("--kind", help="houlsby, pfeiffer or parallel")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    _add_registry(p)
+    p.set_defaults(func=_guarded(cmd_search))
+
+    p = sub.add_parser("info", help="show an adapter version and the list of versions")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true")
+    _add_registry(p)
+    p.set_defaults(func=_guarded(cmd_info))
+
+    p = sub.add_parser("yank", help="hide a version from 'latest' and search (still downloadable by number)")
+    p.add_argument("ref", help="namespace/name@version")
+    p.add_argument("--reason", default="")
+    _add_registry(p, token=True)
+    p.set_defaults(func=_guarded(cmd_yank))
+
+    p = sub.add_parser("delete", help="delete a version's file (its number is never reused)")
+    p.add_argument("ref", help="namespace/name@version")
+    _add_registry(p, token=True)
+    p.set_defaults(func=_guarded(cmd_delete))
+
+    p = sub.add_parser("token", help="manage publishing tokens of a server's registry")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    t = tsub.add_parser("create", help="create a token for OWNER; prints it once")
+    t.add_argument("owner")
+    t.add_argument("--root", help="the server's registry folder")
+    t.set_defaults(func=_guarded(cmd_token_create))
+    t = tsub.add_parser("revoke", help="revoke a token (by the token or its id)")
+    t.add_argument("token")
+    t.add_argument("--root", help="the server's registry folder")
+    t.set_defaults(func=_guarded(cmd_token_revoke))
+    t = tsub.add_parser("list", help="list tokens (ids and owners, never the secrets)")
+    t.add_argument("--root", help="the server's registry folder")
+    t.set_defaults(func=_guarded(cmd_token_list))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``hub`` to the ``adapterkit`` command line."""
+    hub = subparsers.add_parser("hub", help="publish, find and download adapters; run a hub server")
+    add_commands(hub.add_subparsers(dest="hub_command", required=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m adapterkit.hub``: the hub commands without the rest of the command line."""
+    parser = argparse.ArgumentParser(prog="adapterkit hub", description="The adapterkit hub.")
+    add_commands(parser.add_subparsers(dest="hub_command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

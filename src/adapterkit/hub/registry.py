@@ -1,0 +1,675 @@
+"""The registry interface and its embedded implementation, ``LocalRegistry``.
+
+``LocalRegistry(path)`` keeps a SQLite index (``index.db``, WAL) next to a content-addressed blob store
+(``blobs/``, see ``store.py``). A publish writes the blob first (temp file, fsync, rename) and then
+the index row, both while holding SQLite's write lock, in one transaction; so a crash at any point
+leaves at worst an unreferenced blob or temp file, never a row for a partial file. Opening a registry
+reconciles the two: orphan blobs and dead temp files are removed, rows whose blob is gone are flagged
+``missing`` and hidden.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..artifact import ArtifactError, describe_fingerprint, fingerprints_match, read_artifact
+from .errors import BadRequest, Conflict, Forbidden, IntegrityError, InvalidArtifact, NotFound
+from .names import LATEST, Ref, parse_ref, validate_name, validate_version, version_key
+from .store import CHUNK, BlobStore, Upload, sha256_file
+
+DESCRIPTION_MAX = 4000
+METRICS_MAX_KEYS = 64
+METRIC_KEY_MAX = 64
+METRIC_TEXT_MAX = 200
+SCHEMA_VERSION = 1
+
+
+def default_home() -> Path:
+    """``$ADAPTERKIT_HOME``, else ``$XDG_CACHE_HOME/adapterkit``, else ``~/.cache/adapterkit``."""
+    if os.environ.get("ADAPTERKIT_HOME"):
+        return Path(os.environ["ADAPTERKIT_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "adapterkit"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One published version of an adapter, as the index records it."""
+
+    namespace: str
+    name: str
+    version: str
+    sha256: str
+    size: int
+    created: float
+    description: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    base_id: str = ""
+    model_type: str = ""
+    name_or_path: str = ""
+    kind: str = ""
+    bottleneck_size: int | None = None
+    task_type: str = ""
+    labels: list[str] = field(default_factory=list)
+    publisher: str | None = None
+    yanked: bool = False
+    yank_reason: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    library_version: str = ""
+
+    @property
+    def adapter(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def ref(self) -> str:
+        """``namespace/name@version``: the exact, immutable reference."""
+        return f"{self.namespace}/{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ref"] = self.ref
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterVersion:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class Registry(abc.ABC):
+    """What every registry offers; references are ``namespace/name[@version|@latest]``."""
+
+    @abc.abstractmethod
+    def publish(
+        self,
+        path: str | os.PathLike,
+        ref: str,
+        version: str | None = None,
+        description: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        *,
+        base: dict[str, Any] | str | None = None,
+    ) -> AdapterVersion:
+        """Publish an artifact file as ``ref`` (version auto-incremented when not given).
+
+        ``base``, when given, is the base model the publisher says the adapter is for (a fingerprint
+        or a fingerprint id); the artifact's own fingerprint must match it.
+        """
+
+    @abc.abstractmethod
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        base_id: str | None = None,
+        model_type: str | None = None,
+        task_type: str | None = None,
+        kind: str | None = None,
+        name_or_path: str | None = None,
+        limit: int = 100,
+    ) -> list[AdapterVersion]:
+        """The latest usable version of each matching adapter, sorted by name."""
+
+    @abc.abstractmethod
+    def info(self, ref: str) -> AdapterVersion:
+        """One version; without a version (or ``@latest``) the newest one not yanked."""
+
+    @abc.abstractmethod
+    def versions(self, ref: str) -> list[AdapterVersion]:
+        """Every version of an adapter that was not deleted (yanked ones included), oldest first."""
+
+    @abc.abstractmethod
+    def download(self, ref: str) -> Path:
+        """A local file holding the version's bytes, verified against its sha256."""
+
+    @abc.abstractmethod
+    def yank(self, ref: str, reason: str = "") -> AdapterVersion:
+        """Hide a version from ``latest`` and search; it stays downloadable by its exact number."""
+
+    @abc.abstractmethod
+    def delete(self, ref: str) -> None:
+        """Remove a version's bytes; its number stays taken (versions are immutable)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by the local registry and the server
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_metrics(metrics: Any) -> dict[str, Any]:
+    """Metrics are a flat JSON object of numbers (or short strings), e.g. ``{"accuracy": 0.91}``."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise BadRequest(f"metrics must be a JSON object like {{\"accuracy\": 0.9}}, got {type(metrics).__name__}")
+    if len(metrics) > METRICS_MAX_KEYS:
+        raise BadRequest(f"metrics has {len(metrics)} entries; at most {METRICS_MAX_KEYS} are allowed")
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not key or len(key) > METRIC_KEY_MAX or not key.isprintable():
+            raise BadRequest(f"metric name {key!r} must be a printable string of 1 to {METRIC_KEY_MAX} characters")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise BadRequest(f"metric {key!r} must be a number or a short string, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"metric {key!r} is {value}; metrics must be finite")
+        if isinstance(value, str) and len(value) > METRIC_TEXT_MAX:
+            raise BadRequest(f"metric {key!r} is longer than {METRIC_TEXT_MAX} characters")
+    return dict(metrics)
+
+
+def validate_description(description: Any) -> str:
+    if description is None:
+        return ""
+    if not isinstance(description, str):
+        raise BadRequest("description must be a string")
+    if len(description) > DESCRIPTION_MAX:
+        raise BadRequest(f"description is {len(description)} characters long; at most {DESCRIPTION_MAX} are allowed")
+    if any(not (ch.isprintable() or ch in "\n\t") for ch in description):
+        raise BadRequest("description contains control characters")
+    return description
+
+
+def check_artifact(path: Path, declared_base: dict[str, Any] | str | None = None, label: str = "upload") -> dict[str, Any]:
+    """Validate a whole artifact file; return its metadata document or raise InvalidArtifact.
+
+    Reading goes through ``adapterkit.artifact`` (every tensor is materialised, so truncation and
+    corruption show up here); on top of that the hub needs the fields it indexes to be usable and the
+    fingerprint to be self-consistent and to match the base the publisher declared.
+    """
+    try:
+        art = read_artifact(path)
+    except ArtifactError as e:
+        raise InvalidArtifact(str(e).replace(str(path), label)) from None
+    doc = art.metadata
+    if not art.tensors:
+        raise InvalidArtifact(f"{label}: the artifact holds no tensors")
+    kind = doc["config"].get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise InvalidArtifact(f"{label}: metadata 'config.kind' must be a string such as 'houlsby'")
+    size = doc["config"].get("bottleneck_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise InvalidArtifact(f"{label}: metadata 'config.bottleneck_size' must be a positive integer, got {size!r}")
+    fp = doc["base"]
+    for key in ("hidden_size", "num_layers"):
+        if isinstance(fp[key], bool) or not isinstance(fp[key], int) or fp[key] <= 0:
+            raise InvalidArtifact(f"{label}: base fingerprint '{key}' must be a positive integer, got {fp[key]!r}")
+    probe = fp["probe"]
+    if not isinstance(probe, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in probe):
+        raise InvalidArtifact(f"{label}: base fingerprint 'probe' must be a list of finite numbers")
+    # The id is built as "<model_type>-<hidden>x<layers>-<hash>"; a mismatch means an edited header.
+    prefix = f"{fp['model_type']}-{fp['hidden_size']}x{fp['num_layers']}-"
+    if not isinstance(fp["id"], str) or not fp["id"].startswith(prefix) or len(fp["id"]) == len(prefix):
+        raise InvalidArtifact(
+            f"{label}: base fingerprint is inconsistent: id {fp['id']!r} does not match "
+            f"model_type={fp['model_type']!r}, hidden_size={fp['hidden_size']}, num_layers={fp['num_layers']}"
+        )
+    if declared_base is not None:
+        if isinstance(declared_base, str):
+            ok = declared_base == fp["id"]
+            declared_text = repr(declared_base)
+        else:
+            ok = fingerprints_match(declared_base, fp)
+            declared_text = describe_fingerprint(declared_base)
+        if not ok:
+            raise InvalidArtifact(
+                f"{label}: base fingerprint does not match the declared base: the artifact is for "
+                f"{describe_fingerprint(fp)}, the publisher declared {declared_text}"
+            )
+    return doc
+
+
+def parse_declared_base(value: Any) -> dict[str, Any] | str | None:
+    """A declared base is a fingerprint id string or a fingerprint object."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        if len(value) > 200 or not value.isprintable():
+            raise BadRequest("declared base id must be a printable string of at most 200 characters")
+        return value
+    if isinstance(value, dict) and all(k in value for k in ("model_type", "hidden_size", "num_layers", "probe")):
+        return value
+    raise BadRequest("declared base must be a fingerprint id or an object with model_type, hidden_size, num_layers and probe")
+
+
+# ---------------------------------------------------------------------------------------------
+# LocalRegistry
+# ---------------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL,
+    description TEXT NOT NULL DEFAULT '', metrics TEXT NOT NULL DEFAULT '{}', metadata TEXT NOT NULL,
+    base_id TEXT NOT NULL, model_type TEXT NOT NULL, name_or_path TEXT NOT NULL,
+    kind TEXT NOT NULL, bottleneck_size INTEGER, task_type TEXT NOT NULL, labels TEXT NOT NULL,
+    publisher TEXT,
+    yanked INTEGER NOT NULL DEFAULT 0, yank_reason TEXT NOT NULL DEFAULT '',
+    deleted INTEGER NOT NULL DEFAULT 0, missing INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (namespace, name, version)
+);
+CREATE INDEX IF NOT EXISTS versions_sha256 ON versions (sha256);
+CREATE TABLE IF NOT EXISTS namespaces (name TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, hash TEXT NOT NULL, owner TEXT NOT NULL, created REAL NOT NULL, revoked REAL
+);
+"""
+
+
+def _row_to_version(row: sqlite3.Row) -> AdapterVersion:
+    doc = json.loads(row["metadata"])
+    return AdapterVersion(
+        namespace=row["namespace"],
+        name=row["name"],
+        version=row["version"],
+        sha256=row["sha256"],
+        size=row["size"],
+        created=row["created"],
+        description=row["description"],
+        metrics=json.loads(row["metrics"]),
+        base_id=row["base_id"],
+        model_type=row["model_type"],
+        name_or_path=row["name_or_path"],
+        kind=row["kind"],
+        bottleneck_size=row["bottleneck_size"],
+        task_type=row["task_type"],
+        labels=json.loads(row["labels"]),
+        publisher=row["publisher"],
+        yanked=bool(row["yanked"]),
+        yank_reason=row["yank_reason"],
+        base=doc.get("base", {}),
+        config=doc.get("config", {}),
+        library_version=str(doc.get("library_version", "")),
+    )
+
+
+class LocalRegistry(Registry):
+    """The embedded registry: ``index.db`` + ``blobs/`` + ``tmp/`` under ``path``.
+
+    Safe to use from many threads and processes at once (SQLite serialises writers).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, reconcile: bool = True):
+        self.root = Path(path).expanduser() if path is not None else default_home()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root)
+        self.db_path = self.root / "index.db"
+        db = self._connect()
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a publish
+            db.executescript(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        finally:
+            db.close()
+        self.last_reconcile: dict[str, int] = {}
+        if reconcile:
+            self.last_reconcile = self.reconcile()
+
+    def __repr__(self) -> str:
+        return f"LocalRegistry({str(self.root)!r})"
+
+    # -- database plumbing --------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # A connection per operation: cheap in SQLite, and never shared across threads.
+        db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout=60000")
+        db.execute("PRAGMA synchronous=FULL")  # a reported publish survives power loss too
+        return db
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        db = self._connect()
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction holding SQLite's write lock from the start (BEGIN IMMEDIATE)."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    # -- consistency --------------------------------------------------------------------------
+
+    def reconcile(self) -> dict[str, int]:
+        """Make the index and the blob store agree after a crash; return what was fixed.
+
+        Runs under the write lock, and publishers move blobs into place only under it, so every blob
+        seen here either has its committed row or was left by a crash.
+        """
+        with self._write() as db:
+            stale = self.blobs.remove_stale_temps()
+            on_disk = self.blobs.all_blobs()
+            live = {r[0] for r in db.execute("SELECT DISTINCT sha256 FROM versions WHERE deleted = 0")}
+            orphans = [sha for sha in on_disk if sha not in live]
+            for sha in orphans:
+                self.blobs.remove(sha)
+            missing = sorted(live - set(on_disk))
+            db.execute("UPDATE versions SET missing = 0 WHERE missing = 1")
+            for sha in missing:
+                db.execute("UPDATE versions SET missing = 1 WHERE sha256 = ? AND deleted = 0", (sha,))
+        return {"stale_temps": stale, "orphan_blobs": len(orphans), "missing_blobs": len(missing)}
+
+    def check(self, deep: bool = True) -> list[str]:
+        """Problems found (empty when consistent): rows without blobs, blobs without rows, temp files,
+        and with ``deep`` blobs whose bytes do not hash to their name."""
+        problems: list[str] = []
+        on_disk = self.blobs.all_blobs()
+        with self._read() as db:
+            rows = db.execute("SELECT namespace, name, version, sha256, size FROM versions WHERE deleted = 0").fetchall()
+        live = set()
+        for r in rows:
+            live.add(r["sha256"])
+            if r["sha256"] not in on_disk:
+                problems.append(f"{r['namespace']}/{r['name']}@{r['version']}: blob {r['sha256'][:12]} is missing")
+            elif on_disk[r["sha256"]].stat().st_size != r["size"]:
+                problems.append(f"{r['namespace']}/{r['name']}@{r['version']}: blob size differs from the index")
+        for sha in on_disk:
+            if sha not in live:
+                problems.append(f"blob {sha[:12]} has no index row")
+            elif deep and sha256_file(on_disk[sha])[0] != sha:
+                problems.append(f"blob {sha[:12]} does not hash to its name")
+        problems += [f"temp file {p.name} left over" for p in self.blobs.temp_files()]
+        return problems
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(
+        self,
+        path: str | os.PathLike,
+        ref: str,
+        version: str | None = None,
+        description: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        *,
+        base: dict[str, Any] | str | None = None,
+        owner: str | None = None,
+    ) -> AdapterVersion:
+        """See ``Registry.publish``. ``owner`` (used by the server) enforces namespace ownership."""
+        target = self._publish_target(ref, version)
+        if not Path(path).is_file():
+            raise BadRequest(f"{path}: no such file")
+        # Copy first, validate the copy: the bytes checked are exactly the bytes stored.
+        with self.blobs.upload() as upload, open(path, "rb") as src:
+            while chunk := src.read(CHUNK):
+                upload.write(chunk)
+            return self.publish_upload(upload, target, description, metrics, base=base, owner=owner, label=str(path))
+
+    def _publish_target(self, ref: str, version: str | None) -> Ref:
+        target = parse_ref(ref, allow_latest=False)
+        if version is not None:
+            version = validate_version(version, allow_latest=False)
+            if target.version is not None and target.version != version:
+                raise BadRequest(f"two versions given: {target.version!r} in the reference and {version!r}")
+            target = target.with_version(version)
+        return target
+
+    def check_can_publish(self, ref: Ref, owner: str | None) -> None:
+        """Cheap early answer (before an upload is read): Forbidden or Conflict, if already certain.
+        ``publish_upload`` checks again under the write lock, which is what counts."""
+        with self._read() as db:
+            if owner is not None:
+                row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (ref.namespace,)).fetchone()
+                if row is not None and row["owner"] != owner:
+                    raise Forbidden(_not_yours(ref.namespace, row["owner"], owner))
+            if ref.version is not None:
+                row = db.execute(
+                    "SELECT deleted FROM versions WHERE namespace=? AND name=? AND version=?",
+                    (ref.namespace, ref.name, ref.version),
+                ).fetchone()
+                if row is not None:
+                    raise Conflict(_exists(ref, bool(row["deleted"])))
+
+    def publish_upload(
+        self,
+        upload: Upload,
+        ref: Ref,
+        description: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        *,
+        base: dict[str, Any] | str | None = None,
+        owner: str | None = None,
+        label: str = "upload",
+    ) -> AdapterVersion:
+        """Validate a filled temp file and make it visible as ``ref`` (one transaction)."""
+        description = validate_description(description)
+        metrics = validate_metrics(metrics)
+        base = parse_declared_base(base)
+        if owner is not None:
+            validate_name(owner, "owner")
+        if upload.size == 0:
+            raise InvalidArtifact(f"{label}: the file is empty")
+        sha = upload.finish()
+        doc = check_artifact(upload.path, base, label)
+        if not description:
+            description = validate_description(str(doc.get("description", ""))[:DESCRIPTION_MAX])
+        if not metrics and isinstance(doc.get("metrics"), dict):
+            try:
+                metrics = validate_metrics(doc["metrics"])
+            except BadRequest:
+                metrics = {}
+        fp, task = doc["base"], doc["task"]
+        now = time.time()
+        with self._write() as db:
+            if owner is not None:
+                row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (ref.namespace,)).fetchone()
+                if row is None:  # the first publisher into a namespace owns it
+                    db.execute("INSERT INTO namespaces VALUES (?, ?, ?)", (ref.namespace, owner, now))
+                elif row["owner"] != owner:
+                    raise Forbidden(_not_yours(ref.namespace, row["owner"], owner))
+            taken = {
+                r["version"]: bool(r["deleted"])
+                for r in db.execute("SELECT version, deleted FROM versions WHERE namespace=? AND name=?", (ref.namespace, ref.name))
+            }
+            version = ref.version
+            if version is None:
+                version = str(max((version_key(v)[0] for v in taken), default=0) + 1)
+            elif version in taken:
+                raise Conflict(_exists(ref, taken[version]))
+            self.blobs.adopt(upload)
+            db.execute(
+                "INSERT INTO versions (namespace, name, version, sha256, size, created, description, metrics,"
+                " metadata, base_id, model_type, name_or_path, kind, bottleneck_size, task_type, labels, publisher)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    ref.namespace, ref.name, version, sha, upload.size, now, description,
+                    json.dumps(metrics, sort_keys=True), json.dumps(doc, sort_keys=True),
+                    str(fp["id"]), str(fp["model_type"]), str(fp.get("name_or_path") or ""),
+                    doc["config"]["kind"], doc["config"].get("bottleneck_size"), task["type"],
+                    json.dumps(task.get("labels", [])), owner,
+                ),
+            )
+            # Same bytes published again bring back rows flagged missing earlier.
+            db.execute("UPDATE versions SET missing = 0 WHERE sha256 = ?", (sha,))
+            row = db.execute(
+                "SELECT * FROM versions WHERE namespace=? AND name=? AND version=?", (ref.namespace, ref.name, version)
+            ).fetchone()
+        return _row_to_version(row)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _rows(self, db: sqlite3.Connection, ref: Ref) -> list[sqlite3.Row]:
+        return db.execute("SELECT * FROM versions WHERE namespace=? AND name=?", (ref.namespace, ref.name)).fetchall()
+
+    def _resolve(self, db: sqlite3.Connection, ref: Ref) -> sqlite3.Row:
+        rows = self._rows(db, ref)
+        if not rows:
+            raise NotFound(f"no adapter {ref.adapter!r} in this registry")
+        if ref.version is None or ref.version == LATEST:
+            usable = [r for r in rows if not r["deleted"] and not r["yanked"] and not r["missing"]]
+            if not usable:
+                raise NotFound(f"{ref.adapter} has no usable version (all are yanked, deleted or missing)")
+            return max(usable, key=lambda r: version_key(r["version"]))
+        for r in rows:
+            if r["version"] == ref.version:
+                if r["deleted"]:
+                    raise NotFound(f"{ref} was deleted")
+                if r["missing"]:
+                    raise NotFound(f"{ref} is listed but its file is missing from the blob store")
+                return r
+        listed = ", ".join(sorted((r["version"] for r in rows if not r["deleted"]), key=version_key)) or "none"
+        raise NotFound(f"{ref.adapter} has no version {ref.version!r} (versions: {listed})")
+
+    def info(self, ref: str) -> AdapterVersion:
+        target = parse_ref(ref)
+        with self._read() as db:
+            return _row_to_version(self._resolve(db, target))
+
+    def versions(self, ref: str) -> list[AdapterVersion]:
+        target = parse_ref(ref, allow_version=False)
+        with self._read() as db:
+            rows = [r for r in self._rows(db, target) if not r["deleted"]]
+        if not rows:
+            raise NotFound(f"no adapter {target.adapter!r} in this registry")
+        return sorted((_row_to_version(r) for r in rows), key=lambda v: version_key(v.version))
+
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        base_id: str | None = None,
+        model_type: str | None = None,
+        task_type: str | None = None,
+        kind: str | None = None,
+        name_or_path: str | None = None,
+        limit: int = 100,
+    ) -> list[AdapterVersion]:
+        sql = "SELECT * FROM versions WHERE deleted = 0 AND yanked = 0 AND missing = 0"
+        args: list[Any] = []
+        for column, value in (("base_id", base_id), ("model_type", model_type), ("task_type", task_type), ("kind", kind)):
+            if value:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        with self._read() as db:
+            rows = db.execute(sql, args).fetchall()
+        latest: dict[tuple[str, str], sqlite3.Row] = {}
+        for r in rows:
+            key = (r["namespace"], r["name"])
+            if key not in latest or version_key(r["version"]) > version_key(latest[key]["version"]):
+                latest[key] = r
+        found = [_row_to_version(r) for _, r in sorted(latest.items())]
+        if name_or_path:
+            # A model id matches with or without its organisation ("bert-base-uncased", "google/…").
+            want = name_or_path.lower()
+            found = [v for v in found if v.name_or_path.lower() == want or v.name_or_path.lower().endswith("/" + want)]
+        if text:
+            words = text.lower().split()
+            found = [v for v in found if all(w in _search_text(v) for w in words)]
+        return found[: max(0, limit)]
+
+    def blob_path(self, version: AdapterVersion) -> Path:
+        """Where a version's bytes are stored (not re-hashed: for serving, the client verifies)."""
+        path = self.blobs.path_for(version.sha256)
+        if not path.is_file():
+            raise NotFound(f"{version.ref} is listed but its file is missing from the blob store")
+        return path
+
+    def download(self, ref: str) -> Path:
+        """The blob itself (read-only), after checking that it still hashes to its sha256."""
+        version = self.info(ref)
+        path = self.blob_path(version)
+        sha, _ = sha256_file(path)
+        if sha != version.sha256:
+            raise IntegrityError(f"{version.ref}: stored file is corrupt (sha256 {sha[:12]}…, expected {version.sha256[:12]}…)")
+        return path
+
+    # -- yank / delete ------------------------------------------------------------------------
+
+    def _exact(self, ref: str) -> Ref:
+        target = parse_ref(ref, allow_latest=False)
+        if target.version is None:
+            raise BadRequest(f"{ref!r}: give an exact version, e.g. {target.adapter}@1")
+        return target
+
+    def _check_owner(self, db: sqlite3.Connection, target: Ref, owner: str | None) -> None:
+        if owner is None:
+            return
+        row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (target.namespace,)).fetchone()
+        if row is not None and row["owner"] != owner:
+            raise Forbidden(_not_yours(target.namespace, row["owner"], owner))
+
+    def yank(self, ref: str, reason: str = "", *, owner: str | None = None) -> AdapterVersion:
+        target = self._exact(ref)
+        reason = validate_description(reason)[:500]
+        with self._write() as db:
+            self._resolve(db, target)
+            self._check_owner(db, target, owner)
+            db.execute(
+                "UPDATE versions SET yanked = 1, yank_reason = ? WHERE namespace=? AND name=? AND version=?",
+                (reason, target.namespace, target.name, target.version),
+            )
+            return _row_to_version(self._resolve(db, target))
+
+    def delete(self, ref: str, *, owner: str | None = None) -> None:
+        target = self._exact(ref)
+        with self._write() as db:
+            row = self._resolve(db, target)
+            self._check_owner(db, target, owner)
+            db.execute(
+                "UPDATE versions SET deleted = 1 WHERE namespace=? AND name=? AND version=?",
+                (target.namespace, target.name, target.version),
+            )
+            still_used = db.execute("SELECT 1 FROM versions WHERE sha256 = ? AND deleted = 0", (row["sha256"],)).fetchone()
+            if still_used is None:  # content-addressed: other versions may share these bytes
+                self.blobs.remove(row["sha256"])
+
+    # -- misc ---------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        with self._read() as db:
+            adapters = db.execute(
+                "SELECT COUNT(*) FROM (SELECT DISTINCT namespace, name FROM versions WHERE deleted = 0)"
+            ).fetchone()[0]
+            versions = db.execute("SELECT COUNT(*) FROM versions WHERE deleted = 0").fetchone()[0]
+        return {"adapters": adapters, "versions": versions}
+
+    def facets(self) -> dict[str, list[str]]:
+        """Distinct model types, task types and kinds on offer (for the web page's filters)."""
+        out: dict[str, list[str]] = {}
+        with self._read() as db:
+            for column in ("model_type", "task_type", "kind"):
+                out[column] = [
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT DISTINCT {column} FROM versions WHERE deleted = 0 AND yanked = 0 ORDER BY {column}"
+                    )
+                ]
+        return out
+
+
+def _search_text(v: AdapterVersion) -> str:
+    parts = [v.adapter, v.description, v.task_type, v.model_type, v.kind, v.base_id, v.name_or_path, " ".join(v.labels)]
+    return " ".join(parts).lower()
+
+
+def _not_yours(namespace: str, owner: str, who: str) -> str:
+    return f"namespace {namespace!r} belongs to {owner!r}, not {who!r}; publish into a namespace of your own"
+
+
+def _exists(ref: Ref, deleted: bool) -> str:
+    if deleted:
+        return f"{ref} was published and deleted; versions are immutable, so publish a new version number"
+    return f"{ref} already exists; versions are immutable, so publish a new version number (or omit it)"

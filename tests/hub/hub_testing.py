@@ -1,0 +1,173 @@
+"""What the hub tests share: small well-formed artifacts, a real server subprocess on loopback, and
+snapshots of a registry folder (to show that nothing was stored).
+
+A module of its own rather than conftest.py: several test folders have a conftest, and ``from conftest
+import`` would depend on which one pytest loaded last."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from adapterkit.artifact import FORMAT, FORMAT_VERSION, write_artifact
+from adapterkit.hub.registry import LocalRegistry
+from adapterkit.hub.tokens import TokenStore
+
+SERVER_START_TIMEOUT = 60.0
+MAX_UPLOAD_MB = 1.0
+
+
+def fingerprint(model_type: str = "bert", hidden: int = 32, layers: int = 2, seed: int = 0, name: str = "tiny-bert") -> dict[str, Any]:
+    """A well-formed base fingerprint (id built the way the core builds it: type-HxL-hash)."""
+    g = torch.Generator().manual_seed(seed)
+    probe = [round(float(v), 6) for v in torch.randn(15, generator=g)]
+    short = hashlib.sha256(json.dumps([model_type, hidden, layers, probe]).encode()).hexdigest()[:12]
+    return {
+        "model_type": model_type,
+        "name_or_path": name,
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "vocab_size": 1000,
+        "probe": probe,
+        "id": f"{model_type}-{hidden}x{layers}-{short}",
+    }
+
+
+def metadata(
+    name: str = "sentiment",
+    kind: str = "houlsby",
+    bottleneck: int = 8,
+    task_type: str = "classification",
+    labels: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    labels = ["neg", "pos"] if labels is None else labels
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": "0.1.0",
+        "name": name,
+        "config": {"kind": kind, "bottleneck_size": bottleneck, "activation": "relu"},
+        "task": {"type": task_type, "labels": labels},
+        "head": {"type": task_type, "num_labels": len(labels)} if task_type != "none" else None,
+        "base": base or fingerprint(),
+        "description": "",
+    }
+    doc.update(extra)
+    return doc
+
+
+def tensors(seed: int = 0, hidden: int = 32, r: int = 8, layers: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(layers):
+        out[f"layers.{i}.ffn.down"] = torch.randn(hidden, r, generator=g) * 1e-2
+        out[f"layers.{i}.ffn.up"] = torch.randn(r, hidden, generator=g) * 1e-2
+    out["head.weight"] = torch.randn(2, hidden, generator=g)
+    return out
+
+
+def make_artifact(path: Path, seed: int = 0, **meta: Any) -> Path:
+    """Write a small, valid artifact; ``seed`` changes the bytes, ``meta`` the metadata."""
+    return write_artifact(path, tensors(seed), metadata(**meta))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(root: Path) -> tuple[Any, ...]:
+    """Everything a publish could leave behind: blob files, temp files, index rows, namespaces."""
+    blobs = sorted(str(p.relative_to(root)) for p in (root / "blobs").rglob("*") if p.is_file())
+    temps = sorted(os.listdir(root / "tmp"))
+    db = sqlite3.connect(f"file:{root / 'index.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute("SELECT namespace, name, version, sha256, yanked, deleted FROM versions ORDER BY 1, 2, 3").fetchall()
+        namespaces = db.execute("SELECT name, owner FROM namespaces ORDER BY 1").fetchall()
+    finally:
+        db.close()
+    return blobs, temps, rows, namespaces
+
+
+@dataclass
+class Server:
+    """A hub server subprocess on 127.0.0.1, serving on a socket the test bound (no port race)."""
+
+    root: Path
+    max_upload_mb: float = MAX_UPLOAD_MB
+    proc: subprocess.Popen | None = None
+    url: str = ""
+    tokens: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None
+
+    def start(self) -> Server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(256)
+        port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = self.root.parent / f"server-{port}.log"
+        cmd = [
+            sys.executable, "-m", "adapterkit.hub", "serve", "--root", str(self.root),
+            "--fd", str(sock.fileno()), "--max-upload-mb", str(self.max_upload_mb), "--log-level", "warning",
+        ]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, pass_fds=(sock.fileno(),), stdout=log, stderr=subprocess.STDOUT)
+        sock.close()  # the child has its own copy
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"hub server exited with {self.proc.returncode}:\n{self.log_text()}")
+                try:
+                    if client.get(self.url + "/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)  # polling interval while the server imports; not a synchronisation
+        raise RuntimeError(f"hub server did not answer /health within {SERVER_START_TIMEOUT}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log and self.log.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+
+
+def create_tokens(root: Path, owners: tuple[str, ...] = ("alice", "bob")) -> dict[str, str]:
+    store = TokenStore(LocalRegistry(root))
+    tokens = {owner: store.create(owner)[1] for owner in owners}
+    _, revoked = store.create("carol")
+    store.revoke(revoked)
+    tokens["revoked"] = revoked
+    return tokens
