@@ -5,6 +5,7 @@ Shapes: B rows, T tokens, d hidden size, r bottleneck width, K distinct adapters
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class Bottleneck(nn.Module):
         h = self.hidden(z)
         up = self.packed_up(out.dtype)  # (r + 1, d): scaled weight rows, then the scaled bias row
         h = h.reshape(-1, h.shape[-1])
+        if not out.is_contiguous():
+            out = out.contiguous()
         flat = out.view(-1, out.shape[-1])
         if torch.is_grad_enabled():
             return (torch.addmm(flat, h, up[:-1]) + up[-1]).view(out.shape)
@@ -172,7 +175,8 @@ class Route:
 
     rows: list[TaskAdapter | None]
     single: TaskAdapter | None = None
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)  # FFN inputs for parallel adapters
+    # FFN inputs for parallel adapters, per (thread, layer): the default route is shared by threads
+    captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)
 
     @classmethod
@@ -196,6 +200,12 @@ class Route:
             )
         return self.cache[key]
 
+    def keep_ffn_input(self, layer: int, inp: torch.Tensor) -> None:
+        self.captured[(threading.get_ident(), layer)] = inp
+
+    def take_ffn_input(self, layer: int) -> torch.Tensor | None:
+        return self.captured.pop((threading.get_ident(), layer), None)
+
     def expand(self, per_row: torch.Tensor, n: int) -> torch.Tensor:
         """Per-row tensor (B, ...) for a batch of n rows: generate() repeats each row for beams."""
         rows = len(self.rows)
@@ -213,7 +223,7 @@ class Route:
             b = self.single.bottleneck(layer, position)
             if b is None:
                 return None
-            return b.add_to(out, self.captured.pop(layer) if b.parallel else out)
+            return b.add_to(out, self.take_ffn_input(layer) if b.parallel else out)
         return self._apply_mixed(layer, position, out)
 
     def _stacked(self, layer: int, position: str, dtype: torch.dtype, device: torch.device):
@@ -250,7 +260,7 @@ class Route:
 
     def _apply_mixed(self, layer: int, position: str, out: torch.Tensor) -> torch.Tensor | None:
         stacked = self._stacked(layer, position, out.dtype, out.device)
-        captured = self.captured.pop(layer, None) if position == "ffn" else None
+        captured = self.take_ffn_input(layer) if position == "ffn" else None
         if stacked is None:
             return None
         down_w, down_b, up, parallel, activations, dropout = stacked

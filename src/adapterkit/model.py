@@ -170,7 +170,7 @@ class AdapterModel(nn.Module):
                 owner = me()
                 route = owner._route() if owner is not None else None
                 if route is not None and route.needs_ffn_input(layer):
-                    route.captured[layer] = args[0]
+                    route.keep_ffn_input(layer, args[0])
 
             return hook
 

@@ -171,11 +171,12 @@ def test_mixed_batch_trains_each_row_through_its_own_adapter():
 
 def test_routing_is_thread_and_task_local():
     model = AdapterModel(tiny_model("bert"))
-    for name in ("a", "b", "c"):
-        model.add_adapter(name, AdapterConfig(bottleneck_size=4))
+    for name, kind in (("a", "houlsby"), ("b", "parallel"), ("c", "pfeiffer")):
+        model.add_adapter(name, AdapterConfig(kind, bottleneck_size=4))
     with torch.no_grad():
         for p in model.adapters.parameters():
             p.add_(0.3)
+    model.set_active_adapter("b")  # the shared default: a parallel adapter, whose FFN input is captured
     inputs = tiny_inputs("bert")
     routes = [["a", "b", "c", None], "b", ["c", "c", "a", "a"], None]
     with torch.no_grad():
