@@ -60,7 +60,7 @@ class Bottleneck(nn.Module):
         if self.dropout and self.training:
             return out + self(z)
         h = self.hidden(z)
-        up = self.packed_up(out.dtype)  # (r + 1, d): scaled weight rows, then the scaled bias row
+        up = self.packed(out.dtype)[2]  # (r + 1, d): scaled weight rows, then the scaled bias row
         h = h.reshape(-1, h.shape[-1])
         if not out.is_contiguous():
             out = out.contiguous()
@@ -69,37 +69,30 @@ class Bottleneck(nn.Module):
             return (torch.addmm(flat, h, up[:-1]) + up[-1]).view(out.shape)
         return flat.addmm_(h, up[:-1]).add_(up[-1]).view(out.shape)  # the projection's fresh output
 
-    def packed_up(self, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
-        """[up.weight.T * scaling; up.bias * scaling] padded to ``width`` rows: (width + 1, d).
+    def packed(self, dtype: torch.dtype, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weights as mixed batches and the fused path use them, r zero-padded to ``width``
+        (padded units get zero weights in and out: exact):
 
-        Cached while autograd is off (inference); rebuilt when the weights change in place.
+        down.weight.T (d, width), down.bias (1, width), and [up.weight.T; up.bias] * scaling (width + 1, d).
+        Cached while autograd is off (inference); rebuilt when any weight changes in place.
         """
-        width = width or self.up.in_features
-        key = (dtype, width, self.up.weight._version, self.up.bias._version)
+        width = width or self.down.out_features
+        params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
+        key = (dtype, width, *(p._version for p in params))
         grad = torch.is_grad_enabled()
-        cached = getattr(self, "_packed", None)
-        if not grad and cached is not None and cached[0] == key and cached[1].is_inference() == torch.is_inference_mode_enabled():
+        cached = self.__dict__.get("_packed")
+        if not grad and cached is not None and cached[0] == key and cached[1][0].is_inference() == torch.is_inference_mode_enabled():
             return cached[1]
-        r = self.up.in_features
-        w = self.up.weight.t().to(dtype)
-        b = self.up.bias.to(dtype)[None]
-        if width > r:
-            w = torch.cat([w, w.new_zeros(width - r, w.shape[1])])
-        up = torch.cat([w, b])
+        pad = width - self.down.out_features
+        down_w = F.pad(self.down.weight.t().to(dtype), (0, pad))
+        down_b = F.pad(self.down.bias.to(dtype)[None], (0, pad))
+        up = torch.cat([F.pad(self.up.weight.t().to(dtype), (0, 0, 0, pad)), self.up.bias.to(dtype)[None]])
         if self.scaling != 1.0:
             up = up * self.scaling
+        packs = (down_w, down_b, up)
         if not grad:
-            self._packed = (key, up)
-        return up
-
-    def packed_down(self, dtype: torch.dtype, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """down.weight.T and down.bias zero-padded to ``width`` units: (d, width), (1, width)."""
-        r = self.down.out_features
-        w, b = self.down.weight.t().to(dtype), self.down.bias.to(dtype)[None]
-        if width > r:  # padded units get zero weights in and out: exact
-            w = torch.cat([w, w.new_zeros(w.shape[0], width - r)], dim=1)
-            b = torch.cat([b, b.new_zeros(1, width - r)], dim=1)
-        return w, b
+            self.__dict__["_packed"] = (key, packs)
+        return packs
 
 
 class NormAffine(nn.Module):
@@ -239,10 +232,7 @@ class Route:
             return None
         d = live[0].down.in_features
         r = max(b.down.out_features for b in live)
-        packs = {}
-        for k, b in blocks.items():
-            if b is not None:
-                packs[k] = (*b.packed_down(dtype, r), b.packed_up(dtype, r))
+        packs = {k: b.packed(dtype, r) for k, b in blocks.items() if b is not None}
         zeros = (torch.zeros(d, r, dtype=dtype, device=device), torch.zeros(1, r, dtype=dtype, device=device),
                  torch.zeros(r + 1, d, dtype=dtype, device=device))
         row_packs = [packs.get(id(a), zeros) if a is not None else zeros for a in self.rows]
@@ -296,21 +286,29 @@ class Route:
 
     # -- norms ---------------------------------------------------------------------------------
 
-    def norm_affine(self, layer: int, index: int, dtype: torch.dtype, device: torch.device):
-        """Per-row (scale, shift) of one norm, each (B, 1, d); None when no row's task trains it."""
+    def norm_affine(self, layer: int, index: int, dtype: torch.dtype, device: torch.device, fold=None):
+        """Per-row (scale, shift) of one norm, each (B, 1, d); None when no row's task trains it.
+
+        ``fold`` = the norm's own (weight, bias), either may be None, to fold into the per-row affine.
+        """
         key = ("norm", layer, index, dtype, device)
         if key not in self.cache:
             norms = {id(a): a.norm(layer, index) for a in self.adapters}
             live = [n for n in norms.values() if n is not None]
             if not live:
                 self.cache[key] = None
-            else:
-                d = live[0].scale.shape[0]
-                one, zero = torch.ones(1, d, dtype=dtype, device=device), torch.zeros(1, d, dtype=dtype, device=device)
-                row_norms = [norms.get(id(a)) if a is not None else None for a in self.rows]
-                scale = torch.stack([one if n is None else n.scale.to(dtype)[None] for n in row_norms])
-                shift = torch.stack([zero if n is None else n.shift.to(dtype)[None] for n in row_norms])
-                self.cache[key] = (scale, shift)
+                return None
+            d = live[0].scale.shape[0]
+            one, zero = torch.ones(1, d, dtype=dtype, device=device), torch.zeros(1, d, dtype=dtype, device=device)
+            row_norms = [norms.get(id(a)) if a is not None else None for a in self.rows]
+            scale = torch.stack([one if n is None else n.scale.to(dtype)[None] for n in row_norms])
+            shift = torch.stack([zero if n is None else n.shift.to(dtype)[None] for n in row_norms])
+            weight, bias = fold or (None, None)
+            if bias is not None:  # n(x) * w + b, then * s + c  ==  n(x) * (w * s) + (b * s + c)
+                shift = bias.to(dtype) * scale + shift
+            if weight is not None:
+                scale = weight.to(dtype) * scale
+            self.cache[key] = (scale, shift)
         return self.cache[key]
 
 

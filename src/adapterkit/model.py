@@ -95,21 +95,19 @@ class _RoutedNorm:
                 b = shift if m.bias is None else m.bias * scale + shift
                 return F.layer_norm(x, m.normalized_shape, w, b, m.eps)
             return torch.addcmul(shift, self.original(x, *args, **kwargs), scale)
-        per_slot = route.norm_affine(self.layer, self.index, x.dtype, x.device)
-        if per_slot is None:
+        # nn.LayerNorm: normalise once for the whole batch, then one per-row affine with the norm's own
+        # weights folded in (cached per call); other norms: their own output, then the per-row affine.
+        fold = (m.weight, m.bias) if self.is_layer_norm else None
+        per_row = route.norm_affine(self.layer, self.index, x.dtype, x.device, fold)
+        if per_row is None:
             return self.original(x, *args, **kwargs)
-        scale, shift = (route.expand(t, x.shape[0]) for t in per_slot)  # (B, 1, d)
+        scale, shift = (route.expand(t, x.shape[0]) for t in per_row)  # (B, 1, d)
         shape = x.shape
         if self.is_layer_norm:
-            y = F.layer_norm(x, m.normalized_shape, None, None, m.eps).reshape(shape[0], -1, shape[-1])
-            if m.weight is not None:
-                shift = shift if m.bias is None else m.bias * scale + shift
-                scale = m.weight * scale
-            elif m.bias is not None:
-                shift = m.bias * scale + shift
+            y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
         else:
-            y = self.original(x, *args, **kwargs).reshape(shape[0], -1, shape[-1])
-        return torch.addcmul(shift, y, scale).reshape(shape)
+            y = self.original(x, *args, **kwargs)
+        return torch.addcmul(shift, y.reshape(shape[0], -1, shape[-1]), scale).reshape(shape)
 
 
 class _AdapterDict(nn.ModuleDict):
