@@ -78,7 +78,8 @@ class Bottleneck(nn.Module):
         """
         width = width or self.down.out_features
         params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
-        key = (dtype, width, *(p._version for p in params))
+        # .to() and `p.data = ...` swap storage without bumping _version: key on the storage as well
+        key = (dtype, width, *((p._version, p.data_ptr(), p.device) for p in params))
         grad = torch.is_grad_enabled()
         cached = self.__dict__.get("_packed")
         if not grad and cached is not None and cached[0] == key and cached[1][0].is_inference() == torch.is_inference_mode_enabled():
@@ -168,6 +169,7 @@ class Route:
 
     rows: list[TaskAdapter | None]
     single: TaskAdapter | None = None
+    repeats_rows: bool = False  # generate() may repeat each row (beams, num_return_sequences)
     # FFN inputs for parallel adapters, per (thread, layer): the default route is shared by threads
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)
@@ -199,14 +201,33 @@ class Route:
     def take_ffn_input(self, layer: int) -> torch.Tensor | None:
         return self.captured.pop((threading.get_ident(), layer), None)
 
-    def expand(self, per_row: torch.Tensor, n: int) -> torch.Tensor:
-        """Per-row tensor (B, ...) for a batch of n rows: generate() repeats each row for beams."""
+    def check_rows(self, n: int) -> int:
+        """How many times each route row repeats in a batch of n rows (1 outside generate)."""
         rows = len(self.rows)
         if n == rows:
-            return per_row
-        if n % rows:
-            raise ValueError(f"adapter route has {rows} rows but the batch at this layer has {n}")
-        return per_row.repeat_interleave(n // rows, dim=0)
+            return 1
+        if not self.repeats_rows or n % rows:
+            raise ValueError(f"adapter_names has {rows} entries but the batch has {n} rows")
+        return n // rows
+
+    def expand(self, per_row: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-row tensor (B, ...) for a batch of n rows: generate() repeats each row for beams."""
+        rep = self.check_rows(n)
+        return per_row if rep == 1 else per_row.repeat_interleave(rep, dim=0)
+
+    def _cached(self, key: tuple, params: list[torch.Tensor], build):
+        """Per-call cache of stacked weights (generate() reuses them every step). Keyed by the weights'
+        versions, so an update inside a long ``route()`` block is seen; off under autograd, where every
+        forward needs its own graph."""
+        if torch.is_grad_enabled():
+            return build()
+        versions = tuple(p._version for p in params)
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] == versions:
+            return hit[1]
+        value = build()
+        self.cache[key] = (versions, value)
+        return value
 
     # -- sites ---------------------------------------------------------------------------------
 
@@ -220,33 +241,32 @@ class Route:
         return self._apply_mixed(layer, position, out)
 
     def _stacked(self, layer: int, position: str, dtype: torch.dtype, device: torch.device):
-        """Per-row weights for one site, built once per route: down (B, d, r), down bias (B, 1, r),
-        packed up (B, r + 1, d); r padded to the widest adapter; rows without one get zeros."""
-        key = ("site", layer, position, dtype, device)
-        if key in self.cache:
-            return self.cache[key]
+        """Per-row weights for one site: down (B, d, r), down bias (B, 1, r), packed up (B, r + 1, d);
+        r padded to the widest adapter; rows without one get zeros. None when no row adapts here."""
         blocks = {id(a): a.bottleneck(layer, position) for a in self.adapters}
         live = [b for b in blocks.values() if b is not None]
         if not live:
-            self.cache[key] = None
             return None
-        d = live[0].down.in_features
-        r = max(b.down.out_features for b in live)
-        packs = {k: b.packed(dtype, r) for k, b in blocks.items() if b is not None}
-        zeros = (torch.zeros(d, r, dtype=dtype, device=device), torch.zeros(1, r, dtype=dtype, device=device),
-                 torch.zeros(r + 1, d, dtype=dtype, device=device))
-        row_packs = [packs.get(id(a), zeros) if a is not None else zeros for a in self.rows]
-        down_w, down_b, up = (torch.stack([p[i] for p in row_packs]) for i in range(3))
-        row_blocks = [blocks.get(id(a)) if a is not None else None for a in self.rows]
-        parallel = torch.tensor([b is not None and b.parallel for b in row_blocks], device=device)
-        activations: dict[str, list[int]] = {}
-        for i, b in enumerate(row_blocks):
-            if b is not None:
-                activations.setdefault(b.activation, []).append(i)
-        dropout = [b.dropout if b is not None and b.training else 0.0 for b in row_blocks]
-        entry = (down_w, down_b, up, parallel, activations, dropout)
-        self.cache[key] = entry
-        return entry
+
+        def build():
+            d = live[0].down.in_features
+            r = max(b.down.out_features for b in live)
+            packs = {k: b.packed(dtype, r) for k, b in blocks.items() if b is not None}
+            zeros = (torch.zeros(d, r, dtype=dtype, device=device), torch.zeros(1, r, dtype=dtype, device=device),
+                     torch.zeros(r + 1, d, dtype=dtype, device=device))
+            row_packs = [packs.get(id(a), zeros) if a is not None else zeros for a in self.rows]
+            down_w, down_b, up = (torch.stack([p[i] for p in row_packs]) for i in range(3))
+            row_blocks = [blocks.get(id(a)) if a is not None else None for a in self.rows]
+            parallel = torch.tensor([b is not None and b.parallel for b in row_blocks], device=device)
+            activations: dict[str, list[int]] = {}
+            for i, b in enumerate(row_blocks):
+                if b is not None:
+                    activations.setdefault(b.activation, []).append(i)
+            dropout = [b.dropout if b is not None and b.training else 0.0 for b in row_blocks]
+            return down_w, down_b, up, parallel, activations, dropout
+
+        params = [p for b in live for p in b.parameters()]
+        return self._cached(("site", layer, position, dtype, device), params, build)
 
     def _apply_mixed(self, layer: int, position: str, out: torch.Tensor) -> torch.Tensor | None:
         stacked = self._stacked(layer, position, out.dtype, out.device)
@@ -254,10 +274,10 @@ class Route:
         if stacked is None:
             return None
         down_w, down_b, up, parallel, activations, dropout = stacked
-        n, rows = out.shape[0], len(self.rows)
-        if n != rows:  # generate() repeats each row for beams / return sequences, row by row
-            down_w, down_b, up, parallel = (self.expand(t, n) for t in (down_w, down_b, up, parallel))
-            rep = n // rows
+        n = out.shape[0]
+        rep = self.check_rows(n)
+        if rep > 1:  # generate() repeats each row for beams / return sequences, row by row
+            down_w, down_b, up, parallel = (t.repeat_interleave(rep, dim=0) for t in (down_w, down_b, up, parallel))
             activations = {a: [i * rep + j for i in idx for j in range(rep)] for a, idx in activations.items()}
             dropout = [p for p in dropout for _ in range(rep)]
         shape = out.shape
@@ -291,25 +311,26 @@ class Route:
 
         ``fold`` = the norm's own (weight, bias), either may be None, to fold into the per-row affine.
         """
-        key = ("norm", layer, index, dtype, device)
-        if key not in self.cache:
-            norms = {id(a): a.norm(layer, index) for a in self.adapters}
-            live = [n for n in norms.values() if n is not None]
-            if not live:
-                self.cache[key] = None
-                return None
+        norms = {id(a): a.norm(layer, index) for a in self.adapters}
+        live = [n for n in norms.values() if n is not None]
+        if not live:
+            return None
+        weight, bias = fold or (None, None)
+
+        def build():
             d = live[0].scale.shape[0]
             one, zero = torch.ones(1, d, dtype=dtype, device=device), torch.zeros(1, d, dtype=dtype, device=device)
             row_norms = [norms.get(id(a)) if a is not None else None for a in self.rows]
             scale = torch.stack([one if n is None else n.scale.to(dtype)[None] for n in row_norms])
             shift = torch.stack([zero if n is None else n.shift.to(dtype)[None] for n in row_norms])
-            weight, bias = fold or (None, None)
             if bias is not None:  # n(x) * w + b, then * s + c  ==  n(x) * (w * s) + (b * s + c)
                 shift = bias.to(dtype) * scale + shift
             if weight is not None:
                 scale = weight.to(dtype) * scale
-            self.cache[key] = (scale, shift)
-        return self.cache[key]
+            return scale, shift
+
+        params = [p for n in live for p in (n.scale, n.shift)] + [p for p in (weight, bias) if p is not None]
+        return self._cached(("norm", layer, index, dtype, device), params, build)
 
 
 class NoAdapters:
@@ -317,17 +338,20 @@ class NoAdapters:
 
 
 NO_ADAPTERS = NoAdapters()
-_CURRENT: ContextVar[Route | NoAdapters | None] = ContextVar("adapterkit_route", default=None)
+# model id -> its route for the current call. A mapping, so that routing one model never affects
+# another one (two AdapterModels in one process, or one called inside the other's route block).
+_CURRENT: ContextVar[dict[int, Route | NoAdapters] | None] = ContextVar("adapterkit_routes", default=None)
 
 
-def current_route() -> Route | NoAdapters | None:
-    return _CURRENT.get()
+def current_route(owner: object) -> Route | NoAdapters | None:
+    routes = _CURRENT.get()
+    return None if routes is None else routes.get(id(owner))
 
 
 @contextmanager
-def routed(route: Route | NoAdapters | None):
-    """Make ``route`` the current one for this thread / asyncio task until the block ends."""
-    token = _CURRENT.set(route)
+def routed(owner: object, route: Route | NoAdapters):
+    """Make ``route`` ``owner``'s route for this thread / asyncio task until the block ends."""
+    token = _CURRENT.set({**(_CURRENT.get() or {}), id(owner): route})
     try:
         yield route
     finally:

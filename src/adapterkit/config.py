@@ -72,6 +72,8 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.reduction_factor must be a positive number; got {self.reduction_factor!r}")
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1); got {self.dropout!r}")
+        if isinstance(self.leave_out, range | set | frozenset):
+            self.leave_out = list(self.leave_out)
         if not isinstance(self.leave_out, list | tuple) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.leave_out
         ):
@@ -84,6 +86,8 @@ class AdapterConfig:
         self.scaling = float(self.scaling)
         if self.train_layer_norms is None:
             self.train_layer_norms = self.kind == "houlsby"
+        if not isinstance(self.train_layer_norms, bool):
+            raise ValueError(f"AdapterConfig.train_layer_norms must be True, False or None; got {self.train_layer_norms!r}")
         if not isinstance(self.init_std, int | float) or not self.init_std > 0:
             raise ValueError(f"AdapterConfig.init_std must be a positive number; got {self.init_std!r}")
 

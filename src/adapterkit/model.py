@@ -9,6 +9,7 @@ outputs are bit-identical.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -76,8 +77,10 @@ class _RoutedNorm:
         self.owner = weakref.ref(owner)
         self.module = module
         self.layer, self.index = layer, index
-        self.original = type(module).forward.__get__(module)
-        self.is_layer_norm = isinstance(module, nn.LayerNorm)
+        # An instance-level forward (accelerate's offload hooks set one) is kept and called through.
+        self.own_forward = module.__dict__.get("forward")
+        self.original = self.own_forward or type(module).forward.__get__(module)
+        self.is_layer_norm = type(module) is nn.LayerNorm  # subclasses may change the maths: no folding
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         owner = self.owner()
@@ -108,6 +111,25 @@ class _RoutedNorm:
         else:
             y = self.original(x, *args, **kwargs)
         return torch.addcmul(shift, y.reshape(shape[0], -1, shape[-1]), scale).reshape(shape)
+
+
+class _RoutedCheckpoint:
+    """A checkpoint function that recomputes under the route that was current at forward time."""
+
+    def __init__(self, checkpoint: Any, owner: AdapterModel):
+        self.checkpoint, self.owner = checkpoint, weakref.ref(owner)
+
+    def __call__(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        owner = self.owner()
+        route = current_route(owner) if owner is not None else None
+        if route is None:
+            return self.checkpoint(function, *args, **kwargs)
+
+        def run(*a: Any, **k: Any) -> Any:
+            with routed(owner, route):
+                return function(*a, **k)
+
+        return self.checkpoint(run, *args, **kwargs)
 
 
 class _AdapterDict(nn.ModuleDict):
@@ -187,12 +209,15 @@ class AdapterModel(nn.Module):
             h.remove()
         for w in self._norm_wrappers:
             if w.module.__dict__.get("forward") is w:
-                del w.module.forward
+                if w.own_forward is None:
+                    del w.module.forward
+                else:
+                    w.module.forward = w.own_forward
         self._handles, self._norm_wrappers = [], []
         return self.base
 
     def _route(self) -> Route | None:
-        route = current_route()
+        route = current_route(self)
         if isinstance(route, NoAdapters):
             return None
         return route if route is not None else self._active
@@ -322,7 +347,7 @@ class AdapterModel(nn.Module):
 
     def train_full(self, name: str) -> ParameterReport:
         """Full fine-tuning, for honest comparisons: every base parameter trains, plus task ``name``
-        (give it ``AdapterConfig(leave_out=range(num_layers))`` for a head-only task)."""
+        (give it ``AdapterConfig(leave_out=range(model.num_layers))`` for a head-only task)."""
         self.train_adapter(name)
         for p in self.base.parameters():
             p.requires_grad_(True)
@@ -335,26 +360,35 @@ class AdapterModel(nn.Module):
 
     # -- routing -------------------------------------------------------------------------------
 
-    def _make_route(self, names: AdapterNames) -> Route | NoAdapters | None:
+    def _make_route(self, names: AdapterNames, repeats_rows: bool = False) -> Route | NoAdapters | None:
         if names is None:
             return None  # the active default
         if isinstance(names, str):
             return Route.for_rows([self._get(names)])
+        if isinstance(names, torch.Tensor) or not isinstance(names, Sequence):
+            raise TypeError(f"adapter_names must be a name, a list of names (None for no adapter) or None; got {type(names).__name__}")
         rows = [None if n is None else self._get(n) for n in names]
         if not rows:
             raise ValueError("adapter_names is empty")
         route = Route.for_rows(rows)
-        return NO_ADAPTERS if route is None else route
+        if route is None:
+            return NO_ADAPTERS
+        route.repeats_rows = repeats_rows
+        return route
 
     @contextmanager
     def route(self, names: AdapterNames) -> Iterator[None]:
         """Within the block, forward passes of this model (and of ``self.base``) use ``names``: one name
-        for the whole batch, or one per row (None: no adapter for that row). Thread- and asyncio-safe."""
+        for the whole batch, or one per row (None: no adapter for that row).
+
+        The route belongs to this thread or asyncio task (a thread started inside the block, such as a
+        streaming ``generate``, starts with none) and to this model alone.
+        """
         route = self._make_route(names)
         if route is None:
             yield
             return
-        with routed(route):
+        with routed(self, route):
             yield
 
     # -- forward -------------------------------------------------------------------------------
@@ -374,12 +408,13 @@ class AdapterModel(nn.Module):
         otherwise the base model's own output (an LM's logits and loss, a bare encoder's hidden states).
         """
         inputs = {k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids)) if v is not None}
+        kwargs.pop("num_items_in_batch", None)  # Trainer's loss normaliser: our loss is a per-batch mean
         inputs.update(kwargs)
         batch = _batch_size(inputs)
+        route = self._make_route(adapter_names)
         if adapter_names is not None and not isinstance(adapter_names, str) and batch is not None and len(adapter_names) != batch:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
-        route = self._make_route(adapter_names)
-        with routed(route) if route is not None else nullcontext():
+        with routed(self, route) if route is not None else nullcontext():
             effective = self._route()
             names = _row_heads(effective, batch)
             if names is None:  # no task head in play: the base model's own forward, labels and all
@@ -394,10 +429,38 @@ class AdapterModel(nn.Module):
     @torch.no_grad()
     def generate(self, *args: Any, adapter_names: AdapterNames = None, **kwargs: Any) -> Any:
         """``base.generate`` with adapters routed per row (rows repeated for beams follow their row)."""
-        with self.route(adapter_names):
+        route = self._make_route(adapter_names, repeats_rows=True)
+        if adapter_names is not None and not isinstance(adapter_names, str):
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            batch = _batch_size({"input_ids": first, **kwargs})
+            if batch is not None and len(adapter_names) != batch:
+                raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
+        with routed(self, route) if route is not None else nullcontext():
             return self.base.generate(*args, **kwargs)
 
     # -- HF conveniences (Trainer and friends look for these) ----------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """The base model's gradient checkpointing, with each call's route carried into the recomputation
+        (which runs during backward, outside the call's routing context)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"]:
+            self.base.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+        for module in self.base.modules():
+            fn = module.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and not isinstance(fn, _RoutedCheckpoint):
+                module._gradient_checkpointing_func = _RoutedCheckpoint(fn, self)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.base, "is_gradient_checkpointing", False))
+
+    # forward() computes its own mean loss; Trainer must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     @property
     def config(self):
@@ -479,6 +542,8 @@ class AdapterModel(nn.Module):
             raise ArtifactError(f"{path}: bad adapter config in metadata: {e}") from None
         task = meta["task"]
         head_spec = meta.get("head")
+        if head_spec is not None and (not isinstance(head_spec, dict) or not isinstance(head_spec.get("num_labels"), int)):
+            raise ArtifactError(f"{path}: metadata 'head' must be null or an object with an integer num_labels; got {head_spec!r}")
         if (task["type"] in HEAD_TYPES) != bool(head_spec):
             raise ArtifactError(f"{path}: task type {task['type']!r} does not match its head {head_spec!r}")
         if head_spec and head_spec.get("num_labels") != len(task.get("labels", [])):
@@ -510,6 +575,10 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -526,7 +595,11 @@ def _row_heads(route: Route | None, batch: int | None) -> list[TaskAdapter] | No
     """The per-row adapters whose heads produce this batch's logits; None when no head is in play."""
     if route is None:
         return None
-    rows = [route.single] * (batch or 1) if route.single is not None else route.rows
+    if route.single is not None:
+        rows = [route.single] * (batch or 1)
+    else:
+        route.check_rows(batch if batch is not None else len(route.rows))
+        rows = route.rows
     with_head = [a is not None and a.head is not None for a in rows]
     if not any(with_head):
         return None
@@ -541,20 +614,21 @@ def _row_heads(route: Route | None, batch: int | None) -> list[TaskAdapter] | No
 def _apply_heads(rows: list[TaskAdapter], hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Each row through its own task's head; label sets of different sizes are padded with -inf."""
     if len({id(a) for a in rows}) == 1:
-        return rows[0].head(hidden, attention_mask)
+        return rows[0].head(hidden.to(_dtype(rows[0].head)), attention_mask)
     width = max(len(a.task["labels"]) for a in rows)
     groups: dict[int, list[int]] = {}
     for i, a in enumerate(rows):
         groups.setdefault(id(a), []).append(i)
+    out_dtype = functools.reduce(torch.promote_types, (_dtype(rows[m[0]].head) for m in groups.values()))
     out = None
     for members in groups.values():
         head = rows[members[0]].head
         index = torch.tensor(members, device=hidden.device)
         mask = attention_mask[index] if attention_mask is not None else None
-        logits = head(hidden[index], mask)
+        logits = head(hidden[index].to(_dtype(head)), mask)  # a float32 head on a bf16 base
         if out is None:
-            out = hidden.new_full((hidden.shape[0], *logits.shape[1:-1], width), float("-inf"), dtype=logits.dtype)
-        out[index, ..., : logits.shape[-1]] = logits
+            out = hidden.new_full((hidden.shape[0], *logits.shape[1:-1], width), float("-inf"), dtype=out_dtype)
+        out[index, ..., : logits.shape[-1]] = logits.to(out_dtype)
     return out
 
 
