@@ -93,7 +93,8 @@ def _probe_stats(weight: torch.Tensor, samples: int = 16) -> list[float]:
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     strided = flat[:: max(1, n // 65536)].double()
-    picks = flat[torch.linspace(0, n - 1, samples, device=flat.device).long()].double().cpu()
+    positions = torch.arange(samples, device=flat.device, dtype=torch.long) * (n - 1) // max(1, samples - 1)
+    picks = flat[positions].double().cpu()
     values = [strided.abs().mean().item(), *picks.tolist()]
     return [float(f"{v:.6g}") for v in values]
 
