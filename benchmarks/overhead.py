@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.time() - started
     width = max(len(k) for k in results)
     for k, v in results.items():
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        shown = (f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}") if isinstance(v, float) else v
+        print(f"{k:<{width}}  {shown}")
     targets = {"houlsby_overhead_ratio": ("<=", 1.05), "pfeiffer_overhead_ratio": ("<=", 1.05),
                "parallel_overhead_ratio": ("<=", 1.05), "mixed8_vs_single_ratio": (">=", 0.95),
                "mixed64_vs_single_ratio": (">=", 0.90)}
