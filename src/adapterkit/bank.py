@@ -40,6 +40,9 @@ class Bottleneck(nn.Module):
         for linear in (self.down, self.up):
             nn.init.trunc_normal_(linear.weight, std=config.init_std, a=-2 * config.init_std, b=2 * config.init_std)
             nn.init.zeros_(linear.bias)
+        # Plain attribute, not a submodule lookup: the per-call paths read these thousands of times.
+        # .to(), .half() and load_state_dict keep these Parameter objects (they swap or copy data).
+        self.__dict__["params"] = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
         """The delta alone (training with dropout, or to inspect an adapter)."""
@@ -76,10 +79,10 @@ class Bottleneck(nn.Module):
         down.weight.T (d, width), down.bias (1, width), and [up.weight.T; up.bias] * scaling (width + 1, d).
         Cached while autograd is off (inference); rebuilt when any weight changes in place.
         """
-        width = width or self.down.out_features
-        params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
+        params = self.__dict__["params"]
+        width = width or params[0].shape[0]
         # .to() and `p.data = ...` swap storage without bumping _version: key on the storage as well
-        key = (dtype, width, *((p._version, p.data_ptr(), p.device) for p in params))
+        key = (dtype, width, params[0].device, *((p._version, p.data_ptr()) for p in params))
         grad = torch.is_grad_enabled()
         cached = self.__dict__.get("_packed")
         if not grad and cached is not None and cached[0] == key and cached[1][0].is_inference() == torch.is_inference_mode_enabled():
@@ -144,13 +147,28 @@ class TaskAdapter(nn.Module):
         )
         self.head = head
 
+    def _lookup(self) -> dict[tuple, Any]:
+        """(layer, "attn"|"ffn") -> Bottleneck and (layer, norm index) -> NormAffine, as a plain dict:
+        routing reads these per site per call, and nn.Module attribute lookups are slow."""
+        table = self.__dict__.get("_table")
+        if table is None:
+            table = {}
+            for i, la in enumerate(self.layers):
+                if la is None:
+                    continue
+                for position in ("attn", "ffn"):
+                    if getattr(la, position) is not None:
+                        table[(i, position)] = getattr(la, position)
+                for j, n in enumerate(la.norms):
+                    table[(i, j)] = n
+            self.__dict__["_table"] = table
+        return table
+
     def bottleneck(self, layer: int, position: str) -> Bottleneck | None:
-        la = self.layers[layer]
-        return None if la is None else getattr(la, position)
+        return self._lookup().get((layer, position))
 
     def norm(self, layer: int, index: int) -> NormAffine | None:
-        la = self.layers[layer]
-        return la.norms[index] if la is not None and index < len(la.norms) else None
+        return self._lookup().get((layer, index))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,10 +200,18 @@ class Route:
             return None if only is None else cls(rows, single=only)
         return cls(rows)
 
-    @property
-    def adapters(self) -> list[TaskAdapter]:
-        """Distinct adapters in this route, in first-seen order."""
-        return list({id(a): a for a in self.rows if a is not None}.values())
+    def __post_init__(self) -> None:
+        # Distinct adapters in this route, in first-seen order.
+        self.adapters: list[TaskAdapter] = list({id(a): a for a in self.rows if a is not None}.values())
+        slot = {id(a): k + 1 for k, a in enumerate(self.adapters)}
+        self.slots = [0 if a is None else slot[id(a)] for a in self.rows]  # row -> 1 + index in adapters
+
+    def slot_index(self, device: torch.device) -> torch.Tensor:
+        """(B,) row -> slot, where slot 0 means "no adapter here"."""
+        key = ("slots", device)
+        if key not in self.cache:
+            self.cache[key] = torch.tensor(self.slots, device=device)
+        return self.cache[key]
 
     def needs_ffn_input(self, layer: int) -> bool:
         key = ("parallel", layer)
@@ -251,11 +277,11 @@ class Route:
         def build():
             d = live[0].down.in_features
             r = max(b.down.out_features for b in live)
-            packs = {k: b.packed(dtype, r) for k, b in blocks.items() if b is not None}
             zeros = (torch.zeros(d, r, dtype=dtype, device=device), torch.zeros(1, r, dtype=dtype, device=device),
                      torch.zeros(r + 1, d, dtype=dtype, device=device))
-            row_packs = [packs.get(id(a), zeros) if a is not None else zeros for a in self.rows]
-            down_w, down_b, up = (torch.stack([p[i] for p in row_packs]) for i in range(3))
+            slot_packs = [zeros] + [zeros if b is None else b.packed(dtype, r) for b in blocks.values()]
+            index = self.slot_index(device)
+            down_w, down_b, up = (torch.stack([p[i] for p in slot_packs])[index] for i in range(3))
             row_blocks = [blocks.get(id(a)) if a is not None else None for a in self.rows]
             parallel = torch.tensor([b is not None and b.parallel for b in row_blocks], device=device)
             activations: dict[str, list[int]] = {}
@@ -265,7 +291,7 @@ class Route:
             dropout = [b.dropout if b is not None and b.training else 0.0 for b in row_blocks]
             return down_w, down_b, up, parallel, activations, dropout
 
-        params = [p for b in live for p in b.parameters()]
+        params = [p for b in live for p in b.params]
         return self._cached(("site", layer, position, dtype, device), params, build)
 
     def _apply_mixed(self, layer: int, position: str, out: torch.Tensor) -> torch.Tensor | None:
@@ -319,10 +345,11 @@ class Route:
 
         def build():
             d = live[0].scale.shape[0]
-            one, zero = torch.ones(1, d, dtype=dtype, device=device), torch.zeros(1, d, dtype=dtype, device=device)
-            row_norms = [norms.get(id(a)) if a is not None else None for a in self.rows]
-            scale = torch.stack([one if n is None else n.scale.to(dtype)[None] for n in row_norms])
-            shift = torch.stack([zero if n is None else n.shift.to(dtype)[None] for n in row_norms])
+            one, zero = torch.ones(d, dtype=dtype, device=device), torch.zeros(d, dtype=dtype, device=device)
+            slot_norms = [None, *norms.values()]
+            index = self.slot_index(device)
+            scale = torch.stack([one if n is None else n.scale.to(dtype) for n in slot_norms])[index][:, None]
+            shift = torch.stack([zero if n is None else n.shift.to(dtype) for n in slot_norms])[index][:, None]
             if bias is not None:  # n(x) * w + b, then * s + c  ==  n(x) * (w * s) + (b * s + c)
                 shift = bias.to(dtype) * scale + shift
             if weight is not None:
