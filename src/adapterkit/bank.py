@@ -303,7 +303,7 @@ class Route:
         n = out.shape[0]
         rep = self.check_rows(n)
         if rep > 1:  # generate() repeats each row for beams / return sequences, row by row
-            down_w, down_b, up, parallel = (t.repeat_interleave(rep, dim=0) for t in (down_w, down_b, up, parallel))
+            down_w, down_b, up, parallel = (self.expand(t, n) for t in (down_w, down_b, up, parallel))
             activations = {a: [i * rep + j for i in idx for j in range(rep)] for a, idx in activations.items()}
             dropout = [p for p in dropout for _ in range(rep)]
         shape = out.shape

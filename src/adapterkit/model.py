@@ -480,7 +480,7 @@ class AdapterModel(nn.Module):
         """The base model's fingerprint (see artifact.base_fingerprint); cached."""
         if self._fingerprint is None:
             first, last = self.layer_sites[0], self.layer_sites[-1]
-            probes = [_weight(self.base.get_input_embeddings()), _weight(first.attn_out), _weight(last.ffn_out)]
+            probes = [self.base.get_input_embeddings().weight, first.attn_out.weight, last.ffn_out.weight]
             self._fingerprint = base_fingerprint(self.base, probes)
         return self._fingerprint
 
@@ -569,10 +569,6 @@ def _hidden_size(config: Any) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"cannot find the hidden size in {type(config).__name__}")
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    return module.weight
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
