@@ -6,6 +6,8 @@ Shapes: B rows, T tokens, d hidden size, r bottleneck width, K distinct adapters
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -68,16 +70,16 @@ class Bottleneck(nn.Module):
         if not out.is_contiguous():
             out = out.contiguous()
         flat = out.view(-1, out.shape[-1])
-        if torch.is_grad_enabled():
-            return (torch.addmm(flat, h, up[:-1]) + up[-1]).view(out.shape)
+        if torch.is_grad_enabled():  # ``out`` may be saved for backward (as z): a new tensor
+            return torch.addmm(flat, h, up[:-1]).add_(up[-1]).view(out.shape)
         return flat.addmm_(h, up[:-1]).add_(up[-1]).view(out.shape)  # the projection's fresh output
 
-    def packed(self, dtype: torch.dtype, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def packed(self, dtype: torch.dtype, width: int | None = None, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The weights as mixed batches and the fused path use them, r zero-padded to ``width``
         (padded units get zero weights in and out: exact):
 
         down.weight.T (d, width), down.bias (1, width), and [up.weight.T; up.bias] * scaling (width + 1, d).
-        Cached while autograd is off (inference); rebuilt when any weight changes in place.
+        With ``keep``, cached while autograd is off (inference); rebuilt when any weight changes.
         """
         params = self.__dict__["params"]
         width = width or params[0].shape[0]
@@ -94,7 +96,7 @@ class Bottleneck(nn.Module):
         if self.scaling != 1.0:
             up = up * self.scaling
         packs = (down_w, down_b, up)
-        if not grad:
+        if keep and not grad:
             self.__dict__["_packed"] = (key, packs)
         return packs
 
@@ -111,6 +113,7 @@ class NormAffine(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(hidden_size, **factory))
         self.shift = nn.Parameter(torch.zeros(hidden_size, **factory))
+        self.__dict__["params"] = (self.scale, self.shift)
 
 
 class LayerAdapter(nn.Module):
@@ -171,6 +174,107 @@ class TaskAdapter(nn.Module):
         return self._lookup().get((layer, index))
 
 
+def weights_key(params: Sequence[torch.Tensor]) -> list[int]:
+    """Changes whenever a weight does: in-place updates bump ``_version``; .to() and ``p.data = ...``
+    swap the storage without bumping it."""
+    return [p._version for p in params] + [p.data_ptr() for p in params]
+
+
+class _Stack:
+    """One site's weights of many adapters, stacked along dim 0 (slot 0: zeros, for rows without an
+    adapter), so that a mixed batch gathers its rows' weights with one ``index_select``."""
+
+    def __init__(self, zeros: tuple[torch.Tensor, ...]):
+        self.tensors = [z[None].clone() for z in zeros]  # each (capacity, ...)
+        self.entries: dict[int, tuple[weakref.ref, list[int], int]] = {}  # id(member) -> (member, key, slot)
+        self.used = 1
+        self.free: list[int] = []
+
+    def slots(self, members: Sequence[Any], pack: Callable[[Any], tuple[torch.Tensor, ...]]) -> list[int]:
+        """Each member's slot (None: slot 0), copying in the members that are new or changed."""
+        out = [0]
+        get = self.entries.get
+        for m in members:
+            if m is None:
+                out.append(0)
+                continue
+            key = weights_key(m.params)
+            entry = get(id(m))
+            if entry is not None and entry[0]() is m:
+                if entry[1] == key:
+                    out.append(entry[2])
+                    continue
+                slot = entry[2]  # its weights changed: overwrite in place
+            else:
+                slot = self._new_slot()
+            for stacked, value in zip(self.tensors, pack(m)):
+                stacked[slot].copy_(value)
+            self.entries[id(m)] = (weakref.ref(m), key, slot)
+            out.append(slot)
+        return out
+
+    def forget(self, member: nn.Module) -> None:
+        entry = self.entries.get(id(member))
+        if entry is not None and entry[0]() is member:
+            del self.entries[id(member)]
+            self.free.append(entry[2])
+
+    def _new_slot(self) -> int:
+        if not self.free and self.used == self.tensors[0].shape[0]:
+            # full: reclaim the slots of garbage-collected adapters, else double the capacity
+            for k in [k for k, e in self.entries.items() if e[0]() is None]:
+                self.free.append(self.entries.pop(k)[2])
+            if not self.free:
+                self.tensors = [torch.cat([t, torch.empty_like(t)]) for t in self.tensors]
+        if self.free:
+            return self.free.pop()
+        self.used += 1
+        return self.used - 1
+
+
+class StackStore:
+    """Per-site stacks of adapter weights for mixed batches, kept by a model across inference calls.
+
+    A mixed batch needs each row's weights side by side. Stacking them afresh would copy every adapter
+    in the batch at every site on every call; here each adapter is copied in once (again only when its
+    weights change) and a call gathers its rows with one ``index_select`` per tensor. Inference only:
+    under autograd every forward builds its stacks in its own graph.
+    """
+
+    def __init__(self) -> None:
+        self._stacks: dict[tuple, _Stack] = {}
+        self._lock = threading.Lock()  # serving threads may share one model
+
+    def __deepcopy__(self, memo: dict) -> StackStore:
+        return StackStore()  # a copy of the model refills its own
+
+    def gather(
+        self,
+        key: tuple,
+        members: Sequence[Any],
+        row_slots: Sequence[int],
+        zeros: Callable[[], tuple[torch.Tensor, ...]],
+        pack: Callable[[Any], tuple[torch.Tensor, ...]],
+    ) -> list[torch.Tensor]:
+        """Row-aligned weights (B, ...): row i gets ``pack(members[row_slots[i] - 1])``, or ``zeros()``
+        where that slot is 0 or its member None. ``key`` names the site, dtype, device and width."""
+        key = (*key, torch.is_inference_mode_enabled())  # inference tensors cannot be updated outside
+        with self._lock:
+            stack = self._stacks.get(key)
+            if stack is None:
+                stack = self._stacks[key] = _Stack(zeros())
+            slots = stack.slots(members, pack)
+            index = torch.tensor([slots[s] for s in row_slots], device=stack.tensors[0].device)
+            return [t.index_select(0, index) for t in stack.tensors]
+
+    def forget(self, members: Sequence[nn.Module]) -> None:
+        """Drop these modules' copies (their adapter was deleted)."""
+        with self._lock:
+            for stack in self._stacks.values():
+                for m in members:
+                    stack.forget(m)
+
+
 # ---------------------------------------------------------------------------------------------
 # Routing: which adapter each row of the current forward pass uses
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +286,7 @@ class Route:
 
     ``single`` is set when every row uses the same adapter: then sites run that adapter's own
     parameters on the whole batch (no gather, no copies). Otherwise ``rows`` holds each row's adapter
-    (None: no adapter) and sites gather per-row weights once per call, cached here.
+    (None: no adapter) and sites gather per-row weights from ``store``.
     """
 
     rows: list[TaskAdapter | None]
@@ -191,20 +295,23 @@ class Route:
     # FFN inputs for parallel adapters, per (thread, layer): the default route is shared by threads
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)
+    store: StackStore | None = None  # the model's weight stacks; a route without one keeps its own
 
     @classmethod
-    def for_rows(cls, rows: list[TaskAdapter | None]) -> Route | None:
+    def for_rows(cls, rows: list[TaskAdapter | None], store: StackStore | None = None) -> Route | None:
         unique = {id(a): a for a in rows}
         if len(unique) == 1:
             only = rows[0]
             return None if only is None else cls(rows, single=only)
-        return cls(rows)
+        return cls(rows, store=store)
 
     def __post_init__(self) -> None:
         # Distinct adapters in this route, in first-seen order.
         self.adapters: list[TaskAdapter] = list({id(a): a for a in self.rows if a is not None}.values())
         slot = {id(a): k + 1 for k, a in enumerate(self.adapters)}
         self.slots = [0 if a is None else slot[id(a)] for a in self.rows]  # row -> 1 + index in adapters
+        if self.single is None and self.store is None:
+            self.store = StackStore()
 
     def slot_index(self, device: torch.device) -> torch.Tensor:
         """(B,) row -> slot, where slot 0 means "no adapter here"."""
@@ -213,12 +320,17 @@ class Route:
             self.cache[key] = torch.tensor(self.slots, device=device)
         return self.cache[key]
 
+    def members(self, key: tuple) -> list[Any]:
+        """Each distinct adapter's module at one site, (layer, "attn"|"ffn") or (layer, norm index)."""
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = [a._lookup().get(key) for a in self.adapters]
+        return hit
+
     def needs_ffn_input(self, layer: int) -> bool:
         key = ("parallel", layer)
         if key not in self.cache:
-            self.cache[key] = any(
-                (b := a.bottleneck(layer, "ffn")) is not None and b.parallel for a in self.adapters
-            )
+            self.cache[key] = any(b is not None and b.parallel for b in self.members((layer, "ffn")))
         return self.cache[key]
 
     def keep_ffn_input(self, layer: int, inp: torch.Tensor) -> None:
@@ -241,19 +353,15 @@ class Route:
         rep = self.check_rows(n)
         return per_row if rep == 1 else per_row.repeat_interleave(rep, dim=0)
 
-    def _cached(self, key: tuple, params: list[torch.Tensor], build):
-        """Per-call cache of stacked weights (generate() reuses them every step). Keyed by the weights'
-        versions, so an update inside a long ``route()`` block is seen; off under autograd, where every
-        forward needs its own graph."""
-        if torch.is_grad_enabled():
-            return build()
-        versions = tuple(p._version for p in params)
-        hit = self.cache.get(key)
-        if hit is not None and hit[0] == versions:
-            return hit[1]
-        value = build()
-        self.cache[key] = (versions, value)
-        return value
+    def _gather(self, key: tuple, members: list[Any], dtype: torch.dtype, device: torch.device, zeros, pack) -> list[torch.Tensor]:
+        """Per-row weights (B, ...) of one site. Inference: from the store. Autograd: stacked afresh, so
+        that gradients reach each adapter's parameters."""
+        if not torch.is_grad_enabled():
+            return self.store.gather((*key, dtype, device), members, self.slots, zeros, pack)
+        empty = zeros()
+        slot_packs = [empty] + [empty if m is None else pack(m) for m in members]
+        index = self.slot_index(device)
+        return [torch.stack([p[i] for p in slot_packs])[index] for i in range(len(empty))]
 
     # -- sites ---------------------------------------------------------------------------------
 
@@ -266,59 +374,66 @@ class Route:
             return b.add_to(out, self.take_ffn_input(layer) if b.parallel else out)
         return self._apply_mixed(layer, position, out)
 
-    def _stacked(self, layer: int, position: str, dtype: torch.dtype, device: torch.device):
-        """Per-row weights for one site: down (B, d, r), down bias (B, 1, r), packed up (B, r + 1, d);
-        r padded to the widest adapter; rows without one get zeros. None when no row adapts here."""
-        blocks = {id(a): a.bottleneck(layer, position) for a in self.adapters}
-        live = [b for b in blocks.values() if b is not None]
-        if not live:
-            return None
-
-        def build():
-            d = live[0].down.in_features
+    def _site_plan(self, layer: int, position: str) -> tuple | None:
+        """What one site's mixed pass needs besides weights, once per route: the members, the padded
+        width r, per-row parallel flags, row indices per activation, per-row dropout."""
+        key = ("plan", layer, position)
+        if key in self.cache:
+            return self.cache[key]
+        members = self.members((layer, position))
+        live = [b for b in members if b is not None]
+        plan = None
+        if live:
             r = max(b.down.out_features for b in live)
-            zeros = (torch.zeros(d, r, dtype=dtype, device=device), torch.zeros(1, r, dtype=dtype, device=device),
-                     torch.zeros(r + 1, d, dtype=dtype, device=device))
-            slot_packs = [zeros] + [zeros if b is None else b.packed(dtype, r) for b in blocks.values()]
-            index = self.slot_index(device)
-            down_w, down_b, up = (torch.stack([p[i] for p in slot_packs])[index] for i in range(3))
-            row_blocks = [blocks.get(id(a)) if a is not None else None for a in self.rows]
-            parallel = torch.tensor([b is not None and b.parallel for b in row_blocks], device=device)
+            row_blocks = [None if s == 0 else members[s - 1] for s in self.slots]
+            parallel = [b is not None and b.parallel for b in row_blocks]
             activations: dict[str, list[int]] = {}
             for i, b in enumerate(row_blocks):
                 if b is not None:
                     activations.setdefault(b.activation, []).append(i)
             dropout = [b.dropout if b is not None and b.training else 0.0 for b in row_blocks]
-            return down_w, down_b, up, parallel, activations, dropout
-
-        params = [p for b in live for p in b.params]
-        return self._cached(("site", layer, position, dtype, device), params, build)
+            plan = members, live[0].down.in_features, r, parallel, activations, dropout
+        self.cache[key] = plan
+        return plan
 
     def _apply_mixed(self, layer: int, position: str, out: torch.Tensor) -> torch.Tensor | None:
-        stacked = self._stacked(layer, position, out.dtype, out.device)
+        plan = self._site_plan(layer, position)
         captured = self.take_ffn_input(layer) if position == "ffn" else None
-        if stacked is None:
+        if plan is None:
             return None
-        down_w, down_b, up, parallel, activations, dropout = stacked
+        members, d, r, parallel, activations, dropout = plan
+        dtype, device = out.dtype, out.device
+
+        def zeros():
+            return (torch.zeros(d, r, dtype=dtype, device=device), torch.zeros(1, r, dtype=dtype, device=device),
+                    torch.zeros(r + 1, d, dtype=dtype, device=device))
+
+        # down (B, d, r), down bias (B, 1, r), [up; up bias] * scaling (B, r + 1, d); r zero-padded
+        down_w, down_b, up = self._gather(("site", layer, position, r), members, dtype, device, zeros,
+                                          lambda b: b.packed(dtype, r, keep=False))
         n = out.shape[0]
         rep = self.check_rows(n)
         if rep > 1:  # generate() repeats each row for beams / return sequences, row by row
-            down_w, down_b, up, parallel = (self.expand(t, n) for t in (down_w, down_b, up, parallel))
+            down_w, down_b, up = (self.expand(t, n) for t in (down_w, down_b, up))
+            parallel = [p for p in parallel for _ in range(rep)]
             activations = {a: [i * rep + j for i in idx for j in range(rep)] for a, idx in activations.items()}
             dropout = [p for p in dropout for _ in range(rep)]
         shape = out.shape
         x = out.reshape(n, -1, shape[-1])  # (B, T, d)
         z = x
-        if captured is not None and bool(parallel.any()):
+        if captured is not None and any(parallel):
             inp = captured.reshape(x.shape)
-            z = inp if bool(parallel.all()) else torch.where(parallel[:, None, None], inp, x)
+            if all(parallel):
+                z = inp
+            else:
+                z = torch.where(torch.tensor(parallel, device=device)[:, None, None], inp, x)
         h = torch.baddbmm(down_b, z, down_w)  # (B, T, r)
         if len(activations) == 1:
             h = ACTIVATION_FNS[next(iter(activations))](h)
         else:  # rows of different activations: each its own (rows without an adapter have h = 0)
             acted = torch.zeros_like(h)
-            for name, members in activations.items():
-                index = torch.tensor(members, device=h.device)
+            for name, rows in activations.items():
+                index = torch.tensor(rows, device=h.device)
                 acted[index] = ACTIVATION_FNS[name](h[index])
             h = acted
         up_w, up_b = up[:, :-1], up[:, -1:]  # (B, r, d), (B, 1, d)
@@ -327,37 +442,25 @@ class Route:
             delta = torch.baddbmm(up_b, h, up_w)
             return (x + delta * torch.bernoulli(keep.expand_as(delta)) / keep).reshape(shape)
         if torch.is_grad_enabled():
-            return (torch.baddbmm(x, h, up_w) + up_b).reshape(shape)
+            return torch.baddbmm(x, h, up_w).add_(up_b).reshape(shape)
         return x.baddbmm_(h, up_w).add_(up_b).reshape(shape)  # residual + up-projection, one kernel
 
     # -- norms ---------------------------------------------------------------------------------
 
-    def norm_affine(self, layer: int, index: int, dtype: torch.dtype, device: torch.device, fold=None):
-        """Per-row (scale, shift) of one norm, each (B, 1, d); None when no row's task trains it.
-
-        ``fold`` = the norm's own (weight, bias), either may be None, to fold into the per-row affine.
-        """
-        norms = {id(a): a.norm(layer, index) for a in self.adapters}
-        live = [n for n in norms.values() if n is not None]
-        if not live:
+    def norm_affine(self, layer: int, index: int, dtype: torch.dtype, device: torch.device):
+        """Per-row (scale, shift) of one norm, each (B, 1, d); None when no row's task trains it."""
+        members = self.members((layer, index))
+        live = next((n for n in members if n is not None), None)
+        if live is None:
             return None
-        weight, bias = fold or (None, None)
+        d = live.scale.shape[0]
 
-        def build():
-            d = live[0].scale.shape[0]
-            one, zero = torch.ones(d, dtype=dtype, device=device), torch.zeros(d, dtype=dtype, device=device)
-            slot_norms = [None, *norms.values()]
-            index = self.slot_index(device)
-            scale = torch.stack([one if n is None else n.scale.to(dtype) for n in slot_norms])[index][:, None]
-            shift = torch.stack([zero if n is None else n.shift.to(dtype) for n in slot_norms])[index][:, None]
-            if bias is not None:  # n(x) * w + b, then * s + c  ==  n(x) * (w * s) + (b * s + c)
-                shift = bias.to(dtype) * scale + shift
-            if weight is not None:
-                scale = weight.to(dtype) * scale
-            return scale, shift
+        def identity():
+            return torch.ones(d, dtype=dtype, device=device), torch.zeros(d, dtype=dtype, device=device)
 
-        params = [p for n in live for p in (n.scale, n.shift)] + [p for p in (weight, bias) if p is not None]
-        return self._cached(("norm", layer, index, dtype, device), params, build)
+        scale, shift = self._gather(("norm", layer, index), members, dtype, device, identity,
+                                    lambda n: (n.scale.to(dtype), n.shift.to(dtype)))
+        return scale[:, None], shift[:, None]
 
 
 class NoAdapters:

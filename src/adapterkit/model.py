@@ -34,7 +34,7 @@ from .artifact import (
     read_artifact,
     write_artifact,
 )
-from .bank import NO_ADAPTERS, NoAdapters, Route, TaskAdapter, current_route, routed
+from .bank import NO_ADAPTERS, NoAdapters, Route, StackStore, TaskAdapter, current_route, routed
 from .config import AdapterConfig
 from .heads import HEAD_TYPES, HEADLESS_TYPES, build_head, head_loss
 from .sites import SiteSpec, find_layers, guess_sites, sites_for
@@ -98,19 +98,17 @@ class _RoutedNorm:
                 b = shift if m.bias is None else m.bias * scale + shift
                 return F.layer_norm(x, m.normalized_shape, w, b, m.eps)
             return torch.addcmul(shift, self.original(x, *args, **kwargs), scale)
-        # nn.LayerNorm: normalise once for the whole batch, then one per-row affine with the norm's own
-        # weights folded in (cached per call); other norms: their own output, then the per-row affine.
-        fold = (m.weight, m.bias) if self.is_layer_norm else None
-        per_row = route.norm_affine(self.layer, self.index, x.dtype, x.device, fold)
+        # The norm once for the whole batch, then one per-row affine. (Not folded into F.layer_norm's
+        # own affine: that takes no per-row weights, and without weights it runs a slower kernel.)
+        per_row = route.norm_affine(self.layer, self.index, x.dtype, x.device)
         if per_row is None:
             return self.original(x, *args, **kwargs)
         scale, shift = (route.expand(t, x.shape[0]) for t in per_row)  # (B, 1, d)
         shape = x.shape
-        if self.is_layer_norm:
-            y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        else:
-            y = self.original(x, *args, **kwargs)
-        return torch.addcmul(shift, y.reshape(shape[0], -1, shape[-1]), scale).reshape(shape)
+        y = self.original(x, *args, **kwargs).reshape(shape[0], -1, shape[-1])
+        if self.is_layer_norm and not torch.is_grad_enabled():  # y is a fresh buffer: reuse it
+            return torch.addcmul(shift, y, scale, out=y).reshape(shape)
+        return torch.addcmul(shift, y, scale).reshape(shape)
 
 
 class _RoutedCheckpoint:
@@ -166,6 +164,7 @@ class AdapterModel(nn.Module):
         self.hidden_size = _hidden_size(base.config)
         self.adapters = _AdapterDict()
         self._active: Route | None = None
+        self._stacks = StackStore()  # mixed batches' per-site weight stacks, kept across calls
         self._handles: list[Any] = []
         self._norm_wrappers: list[_RoutedNorm] = []
         self._attach()
@@ -302,8 +301,10 @@ class AdapterModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (and its head). The active default is cleared if it used it."""
         self._get(name)
-        if self._active is not None and any(a is self.adapters[name] for a in self._active.rows):
+        adapter = self.adapters[name]
+        if self._active is not None and any(a is adapter for a in self._active.rows):
             self._active = None
+        self._stacks.forget(list(adapter._lookup().values()))
         del self.adapters[name]
 
     def list_adapters(self) -> list[str]:
@@ -370,7 +371,7 @@ class AdapterModel(nn.Module):
         rows = [None if n is None else self._get(n) for n in names]
         if not rows:
             raise ValueError("adapter_names is empty")
-        route = Route.for_rows(rows)
+        route = Route.for_rows(rows, self._stacks)
         if route is None:
             return NO_ADAPTERS
         route.repeats_rows = repeats_rows

@@ -151,9 +151,11 @@ class LoadedAdapter:
 
 
 def adapter_bytes(module: TaskAdapter) -> int:
-    """Bytes of parameters and buffers of one task adapter (bottlenecks, norm affines, head)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes one loaded task adapter costs: its parameters and buffers (bottlenecks, norm affines,
+    head), plus the copy of its bottlenecks and norm affines in the model's mixed-batch stacks."""
+    own = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    stacked = sum(p.numel() * p.element_size() for p in module.layers.parameters())
+    return own + stacked
 
 
 class AdapterCache:

@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
         "--memory-budget",
         type=parse_size,
         default=1 << 30,
-        help="bytes of adapters kept loaded, LRU (default 1GiB)",
+        help="bytes of adapters kept loaded (weights plus their mixed-batch stack copy), LRU (default 1GiB)",
     )
     p.add_argument(
         "--max-length", type=int, default=None, help="input token limit (default: the model's own)"
