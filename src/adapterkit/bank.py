@@ -42,9 +42,17 @@ class Bottleneck(nn.Module):
         for linear in (self.down, self.up):
             nn.init.trunc_normal_(linear.weight, std=config.init_std, a=-2 * config.init_std, b=2 * config.init_std)
             nn.init.zeros_(linear.bias)
-        # Plain attribute, not a submodule lookup: the per-call paths read these thousands of times.
-        # .to(), .half() and load_state_dict keep these Parameter objects (they swap or copy data).
-        self.__dict__["params"] = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        """(down.weight, down.bias, up.weight, up.bias), read live (``load_state_dict(assign=True)``
+        replaces Parameter objects) through plain dicts: the per-call paths read these thousands of times."""
+        down, up = self._modules["down"]._parameters, self._modules["up"]._parameters
+        return down["weight"], down["bias"], up["weight"], up["bias"]
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Bottleneck:
+        _bump_epoch(self)  # .to() / .half() / .cuda(): the new storage may reuse an old address
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
         """The delta alone (training with dropout, or to inspect an adapter)."""
@@ -81,10 +89,9 @@ class Bottleneck(nn.Module):
         down.weight.T (d, width), down.bias (1, width), and [up.weight.T; up.bias] * scaling (width + 1, d).
         With ``keep``, cached while autograd is off (inference); rebuilt when any weight changes.
         """
-        params = self.__dict__["params"]
+        params = self.params
         width = width or params[0].shape[0]
-        # .to() and `p.data = ...` swap storage without bumping _version: key on the storage as well
-        key = (dtype, width, params[0].device, *((p._version, p.data_ptr()) for p in params))
+        key = (dtype, width, params[0].device, *weights_key(self))
         grad = torch.is_grad_enabled()
         cached = self.__dict__.get("_packed")
         if not grad and cached is not None and cached[0] == key and cached[1][0].is_inference() == torch.is_inference_mode_enabled():
@@ -113,7 +120,14 @@ class NormAffine(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(hidden_size, **factory))
         self.shift = nn.Parameter(torch.zeros(hidden_size, **factory))
-        self.__dict__["params"] = (self.scale, self.shift)
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return self._parameters["scale"], self._parameters["shift"]
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> NormAffine:
+        _bump_epoch(self)
+        return super()._apply(fn, *args, **kwargs)
 
 
 class LayerAdapter(nn.Module):
@@ -174,10 +188,16 @@ class TaskAdapter(nn.Module):
         return self._lookup().get((layer, index))
 
 
-def weights_key(params: Sequence[torch.Tensor]) -> list[int]:
-    """Changes whenever a weight does: in-place updates bump ``_version``; .to() and ``p.data = ...``
-    swap the storage without bumping it."""
-    return [p._version for p in params] + [p.data_ptr() for p in params]
+def _bump_epoch(module: nn.Module) -> None:
+    module.__dict__["_epoch"] = module.__dict__.get("_epoch", 0) + 1
+
+
+def weights_key(module: Bottleneck | NormAffine) -> list[int]:
+    """Changes whenever the module's weights do: in-place updates bump ``_version``; ``p.data = ...``
+    swaps the storage (new address) without bumping it; ``.to()`` / ``.half()`` bump the epoch.
+    (Writes through ``p.data`` in place are invisible to this, as they are to autograd.)"""
+    params = module.params
+    return [module.__dict__.get("_epoch", 0)] + [p._version for p in params] + [p.data_ptr() for p in params]
 
 
 class _Stack:
@@ -198,15 +218,13 @@ class _Stack:
             if m is None:
                 out.append(0)
                 continue
-            key = weights_key(m.params)
+            key = weights_key(m)
             entry = get(id(m))
-            if entry is not None and entry[0]() is m:
-                if entry[1] == key:
-                    out.append(entry[2])
-                    continue
-                slot = entry[2]  # its weights changed: overwrite in place
-            else:
-                slot = self._new_slot()
+            if entry is not None and entry[1] == key and entry[0]() is m:
+                out.append(entry[2])
+                continue
+            # new, or changed weights, or a dead module's id reused: (re)fill a slot in place
+            slot = self._new_slot() if entry is None else entry[2]
             for stacked, value in zip(self.tensors, pack(m)):
                 stacked[slot].copy_(value)
             self.entries[id(m)] = (weakref.ref(m), key, slot)
@@ -270,9 +288,11 @@ class StackStore:
     def forget(self, members: Sequence[nn.Module]) -> None:
         """Drop these modules' copies (their adapter was deleted)."""
         with self._lock:
-            for stack in self._stacks.values():
+            for key, stack in list(self._stacks.items()):
                 for m in members:
                     stack.forget(m)
+                if not stack.entries:  # e.g. the last adapter of that width: free the whole stack
+                    del self._stacks[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +396,7 @@ class Route:
 
     def _site_plan(self, layer: int, position: str) -> tuple | None:
         """What one site's mixed pass needs besides weights, once per route: the members, the padded
-        width r, per-row parallel flags, row indices per activation, per-row dropout."""
+        width r, per-row parallel flags, row indices per activation, each row's bottleneck."""
         key = ("plan", layer, position)
         if key in self.cache:
             return self.cache[key]
@@ -391,8 +411,7 @@ class Route:
             for i, b in enumerate(row_blocks):
                 if b is not None:
                     activations.setdefault(b.activation, []).append(i)
-            dropout = [b.dropout if b is not None and b.training else 0.0 for b in row_blocks]
-            plan = members, live[0].down.in_features, r, parallel, activations, dropout
+            plan = members, live[0].down.in_features, r, parallel, activations, row_blocks
         self.cache[key] = plan
         return plan
 
@@ -401,7 +420,9 @@ class Route:
         captured = self.take_ffn_input(layer) if position == "ffn" else None
         if plan is None:
             return None
-        members, d, r, parallel, activations, dropout = plan
+        members, d, r, parallel, activations, row_blocks = plan
+        # per call: a route block may span train() / eval() switches
+        dropout = [b.dropout if b is not None and b.training else 0.0 for b in row_blocks]
         dtype, device = out.dtype, out.device
 
         def zeros():

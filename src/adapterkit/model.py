@@ -9,6 +9,7 @@ outputs are bit-identical.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import weakref
@@ -174,6 +175,14 @@ class AdapterModel(nn.Module):
     # -- attaching -----------------------------------------------------------------------------
 
     def _attach(self) -> None:
+        self._attach_hooks()
+        for ls in self.layer_sites:
+            for j, (_, norm) in enumerate(ls.norms):
+                wrapper = _RoutedNorm(self, norm, ls.index, j)
+                norm.forward = wrapper  # instance attribute shadows the class's forward
+                self._norm_wrappers.append(wrapper)
+
+    def _attach_hooks(self) -> None:
         me = weakref.ref(self)  # hooks must not keep the model alive
 
         def site_hook(layer: int, position: str):
@@ -197,10 +206,6 @@ class AdapterModel(nn.Module):
             self._handles.append(ls.attn_out.register_forward_hook(site_hook(ls.index, "attn")))
             self._handles.append(ls.ffn_out.register_forward_hook(site_hook(ls.index, "ffn")))
             self._handles.append(ls.ffn_in.register_forward_pre_hook(capture_hook(ls.index)))
-            for j, (_, norm) in enumerate(ls.norms):
-                wrapper = _RoutedNorm(self, norm, ls.index, j)
-                norm.forward = wrapper  # instance attribute shadows the class's forward
-                self._norm_wrappers.append(wrapper)
 
     def detach(self) -> nn.Module:
         """Remove every hook and wrapper and return the base model, exactly as it was."""
@@ -214,6 +219,31 @@ class AdapterModel(nn.Module):
                     w.module.forward = w.own_forward
         self._handles, self._norm_wrappers = [], []
         return self.base
+
+    def __deepcopy__(self, memo: dict) -> AdapterModel:
+        """A copy with its own hooks. Copied as they are, the base's hooks (closures) and the norm and
+        checkpoint wrappers would still route by the original model: the copy would run without
+        adapters. The original is not touched."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        ours = {h.id for h in self._handles}
+        for module in clone.base.modules():
+            for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                         "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+                hooks = module.__dict__.get(name)
+                for hook_id in ours if hooks is not None else ():
+                    hooks.pop(hook_id, None)
+            fn = module.__dict__.get("_gradient_checkpointing_func")
+            if isinstance(fn, _RoutedCheckpoint):
+                fn.owner = weakref.ref(clone)
+        for wrapper in clone._norm_wrappers:
+            wrapper.owner = weakref.ref(clone)
+        clone._handles = []
+        if ours:
+            clone._attach_hooks()
+        return clone
 
     def _route(self) -> Route | None:
         route = current_route(self)

@@ -142,3 +142,67 @@ def test_trainer_gradient_accumulation_matches_one_big_batch(tmp_path):
                                  save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0)
         losses.append(Trainer(model=model, args=args, train_dataset=rows).train().training_loss)
     assert losses[1] == pytest.approx(losses[0], rel=0.05)  # not 2x: the loss is scaled once
+
+
+def test_a_deep_copy_routes_by_itself():
+    import copy
+
+    model = _model("bert")
+    inputs = tiny_inputs("bert")
+    names = ["a", "b", None, "a"]
+    with torch.no_grad():
+        expected = model(**inputs, adapter_names=names).last_hidden_state
+        plain = model(**inputs).last_hidden_state
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(clone(**inputs, adapter_names=names).last_hidden_state, expected)
+        assert torch.equal(clone(**inputs).last_hidden_state, plain)
+        for p in clone.adapters["a"].parameters():
+            p.mul_(2.0)
+        changed = clone(**inputs, adapter_names=names).last_hidden_state
+        assert not torch.equal(changed[0], expected[0]) and torch.equal(changed[1], expected[1])
+        # the original is untouched, and still routes
+        assert torch.equal(model(**inputs, adapter_names=names).last_hidden_state, expected)
+    detached = copy.deepcopy(clone.detach())
+    with torch.no_grad():
+        assert torch.equal(detached(**inputs).last_hidden_state, plain)
+
+
+def test_a_deep_copy_keeps_gradient_checkpointing_routed():
+    import copy
+
+    inputs = tiny_inputs("bert")
+    names, labels = ["a", "b", "a", "b"], torch.tensor([0, 1, 1, 0])
+    model = _model("bert", head="classification", labels=["x", "y"])
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    clone = copy.deepcopy(model)
+    grads = []
+    for m in (model, clone):
+        m.eval()  # no dropout: both must compute the same thing
+        for p in m.adapters.parameters():
+            p.requires_grad_(True)
+        m(**inputs, adapter_names=names, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in m.adapters.named_parameters()})
+    for n, g in grads[0].items():
+        assert torch.allclose(grads[1][n], g, atol=1e-6), n
+
+
+def test_dropout_follows_train_and_eval_inside_one_route_block():
+    model = AdapterModel(tiny_model("bert"))
+    for name in ("a", "b"):
+        model.add_adapter(name, AdapterConfig("houlsby", bottleneck_size=4, dropout=0.5))
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    inputs = tiny_inputs("bert")
+    names = ["a", "b", "a", "b"]
+    model.eval()
+    with torch.no_grad():
+        reference = model(**inputs, adapter_names=names).last_hidden_state
+    with model.route(names), torch.no_grad():
+        model.train()  # the route's first call is in training mode
+        noisy = model(**inputs).last_hidden_state
+        model.eval()  # ... and the later ones must not keep its dropout
+        first, second = (model(**inputs).last_hidden_state for _ in range(2))
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    assert not torch.allclose(noisy, reference)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -199,3 +200,46 @@ def test_full_fine_tuning_through_the_same_loop(tmp_path, tiny_bert, sentiment):
 
     saved = load_file(str(base_file))
     assert any(not torch.equal(saved[k], before[k]) for k in saved)
+
+
+def _pair_rows(n: int, seed: int) -> list[dict]:
+    """The label is the polarity of the *second* text; the first carries a random, unrelated one."""
+    rows = make_sentiment(2 * n, seed)
+    return [{"premise": a["text"], "hypothesis": b["text"], "label": b["label"]} for a, b in zip(rows[::2], rows[1::2])]
+
+
+def _token_rows(n: int, seed: int) -> list[dict]:
+    """Each word tagged POS / NEG / O by which list it comes from."""
+    from conftest import FILLER, NEGATIVE, POSITIVE
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE), rng.choice(NEGATIVE)]
+        rng.shuffle(words)
+        tags = ["POS" if w in POSITIVE else "NEG" if w in NEGATIVE else "O" for w in words]
+        rows.append({"tokens": words, "tags": tags})
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["pair_classification", "token_classification"])
+def test_pair_and_token_tasks_learn_end_to_end(tmp_path, minilm, kind):
+    rows = _pair_rows if kind == "pair_classification" else _token_rows
+    train_path = write_jsonl(tmp_path / "train.jsonl", rows(96, 0))
+    val_path = write_jsonl(tmp_path / "val.jsonl", rows(32, 1))
+    columns = {"text_column": "premise", "text_pair_column": "hypothesis"} if kind == "pair_classification" else {}
+    train = load_task(train_path, **columns)
+    val = load_task(val_path, labels=train.labels, **columns)
+    assert train.task_type == kind
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    model = AdapterModel(AutoModel.from_pretrained(minilm))
+    torch.manual_seed(0)
+    model.add_adapter("t", AdapterConfig("houlsby"), head=kind, labels=train.labels)
+    before = evaluate(model, "t", EncodedTask(val, tokenizer))["accuracy"]
+    out = tmp_path / f"{kind}.safetensors"
+    result = fit(model, "t", train, val, tokenizer, out, TrainConfig(epochs=3, lr=3e-3, batch_size=16, progress=False))
+    assert result.best_metric >= max(0.85, before + 0.2), (before, result.history)
+    assert read_metadata(out)["task"]["type"] == kind
+    fresh = AdapterModel(AutoModel.from_pretrained(minilm))
+    fresh.load_adapter(out)
+    assert evaluate(fresh, "t", EncodedTask(val, tokenizer))["accuracy"] == result.best_metric

@@ -159,7 +159,7 @@ class ServeMetrics:
         )
         self.adapters_loaded = Gauge("adapterkit_adapters_loaded", "Adapters in the model now.")
         self.adapter_bytes = Gauge(
-            "adapterkit_adapter_bytes", "Bytes of adapter parameters in the model now."
+            "adapterkit_adapter_bytes", "Bytes of loaded adapters in the model now: weights plus their mixed-batch stack copy."
         )
         self.loads = Counter("adapterkit_adapter_loads_total", "Adapters loaded into the model.")
         self.evictions = Counter(
