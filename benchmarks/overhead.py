@@ -10,6 +10,9 @@ each round) so that drift of a shared machine cancels; each number is a median o
 - ``mixed{8,64}_vs_single_ratio``: throughput of a 64-row batch whose rows are spread at random over 8
   adapters (or each row its own of 64) / throughput of the same batch on one adapter.
 - ``mixed{8,64}_max_abs_diff``: max |mixed row - that row run alone with its adapter|.
+- ``serving_mixed_vs_single_ratio``: a serving shape, 16 rows x 24 tokens, each call's rows drawn
+  afresh over 16 of the 64 adapters (no two calls route alike) / the same batch on one adapter. Here
+  per-call work (routing, gathers) weighs most, as the compute per call is small.
 - ``load_ms_with_{1,64}_loaded``: time to load one artifact into a model holding 1 or 64 adapters.
 """
 
@@ -107,6 +110,17 @@ def bench_model(which: str, rounds: int, quick: bool) -> dict[str, float]:
     out["mixed8_vs_single_ratio"] = t["single"] / t["mixed8"]  # throughput ratio
     out["mixed64_vs_single_ratio"] = t["single"] / t["mixed64"]
     out["single_batch64_ms"] = 1000 * t["single"]
+
+    ids16 = torch.randint(1000, vocab - 1, (16, 24), generator=g)
+    draw = random.Random(1)
+
+    def serving_mixed():
+        names = [f"t{draw.randrange(16)}" for _ in range(16)]
+        forward(ids16, names)()
+
+    t = interleaved({"single": forward(ids16, "t0"), "mixed": serving_mixed}, 4 * rounds)
+    out["serving_mixed_vs_single_ratio"] = t["single"] / t["mixed"]
+    out["serving_single_ms"] = 1000 * t["single"]
 
     # Correctness: each mixed row against that row alone (a sample of rows in quick runs).
     rows = range(0, 64, 8) if quick or which != "minilm" else range(64)
