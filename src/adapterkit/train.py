@@ -172,6 +172,26 @@ def _all_reduce(t: torch.Tensor, dist_state: _Dist) -> torch.Tensor:
     return t
 
 
+def _rng_states(dist_state: _Dist, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every process's RNG states (the CPU generator; CUDA's too when training there), gathered so that
+    rank 0's checkpoint can give each process its own dropout stream back on resume. Collective."""
+    local = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        local["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for kind, state in local.items():
+        parts = [state]
+        if dist_state.world > 1:
+            import torch.distributed as dist
+
+            mine = state.to(device)  # NCCL gathers device tensors, gloo CPU ones
+            parts = [torch.empty_like(mine) for _ in range(dist_state.world)]
+            dist.all_gather(parts, mine)
+        for rank, part in enumerate(parts):
+            out[f"rng.{kind}.rank{rank}"] = part.cpu()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +310,7 @@ def _save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     state: dict[str, Any],
     full: bool,
+    rng: dict[str, torch.Tensor],
 ) -> None:
     """One checkpoint = a fresh ``step-N`` folder, then ``latest.json`` pointed at it (atomic rename),
     then older folders removed: a kill at any moment leaves the previous checkpoint usable."""
@@ -303,7 +324,7 @@ def _save_checkpoint(
         base_state = {k: v.detach().cpu().contiguous() for k, v in model.base.state_dict().items()}
         _atomic_write(step_dir / "base.safetensors", lambda p: save_file(_unshare(base_state), str(p)))
     tensors, opt_doc = _optimizer_to_files(optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update(rng)
     _atomic_write(step_dir / "trainer.safetensors", lambda p: save_file(tensors, str(p)))
     doc = dict(state)
     doc["optimizer"] = opt_doc
@@ -501,8 +522,13 @@ def _fit(
             tensors = load_file(str(step_dir / "trainer.safetensors"))
             _optimizer_from_files(optimizer, tensors, saved["optimizer"])
             scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-            if dist_state.main:
+            mine = f"rng.torch.rank{dist_state.rank}"
+            if mine in tensors:
+                torch.set_rng_state(tensors[mine])
+            elif dist_state.main and "rng.torch" in tensors:  # checkpoints before per-process states
                 torch.set_rng_state(tensors["rng.torch"])
+            if device.type == "cuda" and f"rng.cuda.rank{dist_state.rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{dist_state.rank}"], device)
             version, internal, gauss = saved["python_random"]
             random.setstate((version, tuple(internal), gauss))
             state.update({k: saved[k] for k in state})
@@ -526,9 +552,10 @@ def _fit(
     def amp() -> Any:
         return torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if low_precision else nullcontext()
 
-    def checkpoint() -> None:
+    def checkpoint() -> None:  # called by every process at the same step
+        rng = _rng_states(dist_state, device)
         if dist_state.main:
-            _save_checkpoint(paths["checkpoint"], model, name, optimizer, scheduler, state, cfg.full)
+            _save_checkpoint(paths["checkpoint"], model, name, optimizer, scheduler, state, cfg.full, rng)
 
     from tqdm.auto import tqdm
 
