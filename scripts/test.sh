@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/pytest ] || scripts/setup.sh .venv
 [ -x .venv-tf4/bin/pytest ] || scripts/setup.sh .venv-tf4 'transformers==4.57.6'
+scripts/setup-hub-backends.sh   # PostgreSQL for the shared-hub tests, where missing
 status=0
 for venv in .venv .venv-tf4; do
   echo "== pytest with $("$venv/bin/python" -c 'import transformers; print("transformers", transformers.__version__)')"

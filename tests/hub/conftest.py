@@ -32,3 +32,7 @@ def registry(tmp_path: Path) -> LocalRegistry:
 @pytest.fixture()
 def artifact(tmp_path: Path) -> Path:
     return make_artifact(tmp_path / "sentiment.safetensors")
+
+
+# PostgreSQL and S3 servers (session-scoped, so defined here once for every hub test module).
+from backend_fixtures import dev_postgres, dev_s3, shared_backends, shared_registry  # noqa: E402, F401

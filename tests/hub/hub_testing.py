@@ -22,7 +22,7 @@ import httpx
 import torch
 
 from adapterkit.artifact import FORMAT, FORMAT_VERSION, write_artifact
-from adapterkit.hub.registry import LocalRegistry
+from adapterkit.hub.registry import IndexedRegistry, LocalRegistry
 from adapterkit.hub.tokens import TokenStore
 
 SERVER_START_TIMEOUT = 60.0
@@ -91,6 +91,8 @@ def sha256(path: Path) -> str:
 
 def snapshot(root: Path) -> tuple[Any, ...]:
     """Everything a publish could leave behind: blob files, temp files, index rows, namespaces."""
+    if (root / SHARED_BACKENDS).exists():
+        return snapshot_shared(root)
     blobs = sorted(str(p.relative_to(root)) for p in (root / "blobs").rglob("*") if p.is_file())
     temps = sorted(os.listdir(root / "tmp"))
     db = sqlite3.connect(f"file:{root / 'index.db'}?mode=ro", uri=True, timeout=30)
@@ -102,9 +104,34 @@ def snapshot(root: Path) -> tuple[Any, ...]:
     return blobs, temps, rows, namespaces
 
 
+def snapshot_shared(root: Path) -> tuple[Any, ...]:
+    """``snapshot`` of a server on PostgreSQL + S3 whose folder ``root`` names its backends."""
+    from adapterkit.hub.backends import open_backends
+
+    spec = json.loads((root / SHARED_BACKENDS).read_text())
+    reg = open_backends(spec["index"], spec["blobs"], work_dir=root / "snapshot-work", reconcile=False)
+    try:
+        blobs = sorted(reg.blobs.sizes())
+        spool = root / "home" / "s3" / "tmp"
+        temps = sorted(os.listdir(spool)) if spool.is_dir() else []
+        with reg._read() as db:
+            rows = [tuple(r) for r in db.execute("SELECT namespace, name, version, sha256, yanked, deleted FROM versions ORDER BY 1, 2, 3")]
+            namespaces = [tuple(r) for r in db.execute("SELECT name, owner FROM namespaces ORDER BY 1")]
+    finally:
+        reg.close()
+    return blobs, temps, rows, namespaces
+
+
+SHARED_BACKENDS = "backends.json"
+
+
 @dataclass
 class Server:
-    """A hub server subprocess on 127.0.0.1, serving on a socket the test bound (no port race)."""
+    """A hub server subprocess on 127.0.0.1, serving on a socket the test bound (no port race).
+
+    With ``index`` and ``blobs`` (PostgreSQL and S3 URLs) it serves those, with ``root`` holding
+    only its log, its ``$ADAPTERKIT_HOME`` (S3 spool and cache) and a note of the URLs; ``env``
+    adds variables (the AWS endpoint and keys)."""
 
     root: Path
     max_upload_mb: float = MAX_UPLOAD_MB
@@ -112,6 +139,9 @@ class Server:
     url: str = ""
     tokens: dict[str, str] = field(default_factory=dict)
     log: Path | None = None
+    index: str | None = None
+    blobs: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> Server:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -120,13 +150,20 @@ class Server:
         sock.listen(256)
         port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.log = self.root.parent / f"server-{port}.log"
+        if self.index is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / SHARED_BACKENDS).write_text(json.dumps({"index": self.index, "blobs": self.blobs}))
+            where = ["--index", self.index, "--blobs", str(self.blobs)]
+            env = {**os.environ, **self.env, "ADAPTERKIT_HOME": str(self.root / "home")}
+        else:
+            where, env = ["--root", str(self.root)], {**os.environ, **self.env}
         cmd = [
-            sys.executable, "-m", "adapterkit.hub", "serve", "--root", str(self.root),
+            sys.executable, "-m", "adapterkit.hub", "serve", *where,
             "--fd", str(sock.fileno()), "--max-upload-mb", str(self.max_upload_mb), "--log-level", "warning",
         ]
+        self.log = self.root.parent / f"server-{port}.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, pass_fds=(sock.fileno(),), stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, pass_fds=(sock.fileno(),), stdout=log, stderr=subprocess.STDOUT, env=env)
         sock.close()  # the child has its own copy
         self.wait_healthy()
         return self
@@ -164,8 +201,8 @@ class Server:
                 self.proc.wait(timeout=15)
 
 
-def create_tokens(root: Path, owners: tuple[str, ...] = ("alice", "bob")) -> dict[str, str]:
-    store = TokenStore(LocalRegistry(root))
+def create_tokens(root: Path | IndexedRegistry, owners: tuple[str, ...] = ("alice", "bob")) -> dict[str, str]:
+    store = TokenStore(root if isinstance(root, IndexedRegistry) else LocalRegistry(root))
     tokens = {owner: store.create(owner)[1] for owner in owners}
     _, revoked = store.create("carol")
     store.revoke(revoked)

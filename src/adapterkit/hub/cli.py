@@ -1,4 +1,5 @@
-"""``adapterkit hub …``: serve, push, pull, search, info, yank, delete, token create/revoke/list.
+"""``adapterkit hub …``: serve, push, pull, search, info, yank, delete, token create/revoke/list,
+migrate, reconcile.
 
 The registry is ``--registry URL|PATH``, else ``$ADAPTERKIT_REGISTRY``, else the default local one;
 the token is ``--token``, else ``$ADAPTERKIT_TOKEN``. Errors are one line on stderr and exit code 1.
@@ -17,7 +18,7 @@ from typing import Any
 
 from ..artifact import ArtifactError
 from .errors import HubError
-from .registry import AdapterVersion, LocalRegistry, Registry, default_home
+from .registry import AdapterVersion, IndexedRegistry, LocalRegistry, Registry
 from .resolve import open_registry
 
 
@@ -71,11 +72,18 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 # ---------------------------------------------------------------------------------------------
 
 
+def _backends(args: argparse.Namespace, reconcile: bool = True) -> IndexedRegistry:
+    """The registry a server-side command works on: ``--index`` + ``--blobs``, else ``--root``."""
+    from .backends import open_backends
+
+    return open_backends(args.index, args.blobs, root=args.root, reconcile=reconcile)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve  # needs fastapi and uvicorn
 
     serve(
-        args.root or default_home(),
+        _backends(args),
         args.host,
         args.port,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
@@ -207,7 +215,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_token_create(args: argparse.Namespace) -> int:
     from .tokens import TokenStore
 
-    info, token = TokenStore(LocalRegistry(args.root)).create(args.owner)
+    info, token = TokenStore(_backends(args)).create(args.owner)
     print(f"created token {info.id} for {info.owner}; it is shown only once:", file=sys.stderr)
     print(token)
     return 0
@@ -216,7 +224,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     from .tokens import TokenStore
 
-    info = TokenStore(LocalRegistry(args.root)).revoke(args.token)
+    info = TokenStore(_backends(args)).revoke(args.token)
     print(f"revoked token {info.id} of {info.owner}")
     return 0
 
@@ -226,10 +234,46 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
     rows = [
         (t.id, t.owner, time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.created)), "revoked" if t.revoked else "active")
-        for t in TokenStore(LocalRegistry(args.root)).list()
+        for t in TokenStore(_backends(args)).list()
     ]
     print(_table(("ID", "OWNER", "CREATED", "STATE"), rows) if rows else "no tokens")
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .backends import open_backends
+    from .migrate import migrate
+
+    source = LocalRegistry(args.source)
+    dest = open_backends(args.to, args.blobs)
+    try:
+        report = migrate(source, dest, log=(lambda m: print(m, file=sys.stderr)) if args.verbose else None)
+    finally:
+        dest.close()
+    print(
+        f"copied {report.versions_copied} versions ({report.blobs_copied} blobs, {_size(report.bytes_copied)}), "
+        f"{report.namespaces_copied} namespaces, {report.tokens_copied} tokens; "
+        f"{report.versions_present} versions were already there; every blob verified by sha256"
+    )
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    reg = _backends(args, reconcile=False)
+    try:
+        fixed = reg.reconcile()
+        problems = reg.check(deep=args.deep)
+    finally:
+        reg.close()
+    print(
+        f"removed {fixed['stale_temps']} dead temp files and {fixed['orphan_blobs']} orphan blobs; "
+        f"{fixed['missing_blobs']} blobs are missing (their versions are hidden)"
+    )
+    for problem in problems:
+        print(f"problem: {problem}")
+    return 1 if problems else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +287,18 @@ def _add_registry(p: argparse.ArgumentParser, token: bool = False) -> None:
         p.add_argument("--token", help="publishing token (default: $ADAPTERKIT_TOKEN)")
 
 
+def _add_backends(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="registry folder (default: $ADAPTERKIT_HOME or ~/.cache/adapterkit)")
+    p.add_argument("--index", help="shared index instead of --root: postgresql://user:password@host:port/database")
+    p.add_argument(
+        "--blobs", help="shared blob store with --index: s3://bucket/prefix (endpoint and keys from AWS_* variables)"
+    )
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the hub's subcommands to ``sub``."""
     p = sub.add_parser("serve", help="run the hub server (JSON API + web page)")
-    p.add_argument("--root", help="registry folder (default: $ADAPTERKIT_HOME or ~/.cache/adapterkit)")
+    _add_backends(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--max-upload-mb", type=float, default=256.0, help="largest accepted artifact (default 256)")
@@ -304,15 +356,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="token_command", required=True)
     t = tsub.add_parser("create", help="create a token for OWNER; prints it once")
     t.add_argument("owner")
-    t.add_argument("--root", help="the server's registry folder")
+    _add_backends(t)
     t.set_defaults(func=_guarded(cmd_token_create))
     t = tsub.add_parser("revoke", help="revoke a token (by the token or its id)")
     t.add_argument("token")
-    t.add_argument("--root", help="the server's registry folder")
+    _add_backends(t)
     t.set_defaults(func=_guarded(cmd_token_revoke))
     t = tsub.add_parser("list", help="list tokens (ids and owners, never the secrets)")
-    t.add_argument("--root", help="the server's registry folder")
+    _add_backends(t)
     t.set_defaults(func=_guarded(cmd_token_list))
+
+    p = sub.add_parser("migrate", help="copy a local registry into PostgreSQL + S3, verified by sha256")
+    p.add_argument("--from", dest="source", required=True, help="the local registry folder to copy")
+    p.add_argument("--to", required=True, help="the destination index: postgresql://… (or a SQLite path)")
+    p.add_argument("--blobs", required=True, help="the destination blob store: s3://bucket/prefix (or a folder)")
+    p.add_argument("--verbose", action="store_true", help="name each version as it is copied")
+    p.set_defaults(func=_guarded(cmd_migrate))
+
+    p = sub.add_parser("reconcile", help="remove orphan blobs and dead uploads left by crashes; report problems")
+    _add_backends(p)
+    p.add_argument("--deep", action="store_true", help="also re-hash every blob")
+    p.set_defaults(func=_guarded(cmd_reconcile))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

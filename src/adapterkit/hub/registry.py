@@ -1,11 +1,13 @@
-"""The registry interface and its embedded implementation, ``LocalRegistry``.
+"""The registry interface and its implementation over an index and a blob store.
 
-``LocalRegistry(path)`` keeps a SQLite index (``index.db``, WAL) next to a content-addressed blob store
-(``blobs/``, see ``store.py``). A publish writes the blob first (temp file, fsync, rename) and then
-the index row, both while holding SQLite's write lock, in one transaction; so a crash at any point
-leaves at worst an unreferenced blob or temp file, never a row for a partial file. Opening a registry
-reconciles the two: orphan blobs and dead temp files are removed, rows whose blob is gone are flagged
-``missing`` and hidden.
+``IndexedRegistry(index, blobs)`` keeps its rows in an ``Index`` (SQLite, or PostgreSQL for several
+servers: ``index.py``, ``index_postgres.py``) and the bytes in a content-addressed ``BlobBackend``
+(a folder, or S3: ``store.py``, ``blobs_s3.py``). ``LocalRegistry(path)`` is the embedded one: SQLite
+``index.db`` (WAL) beside ``blobs/``. A publish stores the blob first (temp file, fsync, then a rename
+or one checksummed PUT) and then the index row, both while holding the index's writer lock, in one
+transaction; so a crash at any point leaves at worst an unreferenced blob or temp file, never a row
+for a partial file. Opening a registry reconciles the two: orphan blobs and dead temp files are
+removed, rows whose blob is gone are flagged ``missing`` and hidden.
 """
 
 from __future__ import annotations
@@ -14,18 +16,17 @@ import abc
 import json
 import math
 import os
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..artifact import ArtifactError, describe_fingerprint, fingerprints_match, read_artifact
 from .errors import BadRequest, Conflict, Forbidden, IntegrityError, InvalidArtifact, NotFound
+from .index import Connection, Index, Row, SqliteIndex
 from .names import LATEST, Ref, parse_ref, validate_name, validate_version, version_key
-from .store import CHUNK, BlobStore, Upload, sha256_file
+from .store import CHUNK, BlobBackend, BlobStore, Upload, sha256_file
 
 DESCRIPTION_MAX = 4000
 METRICS_MAX_KEYS = 64
@@ -267,7 +268,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 """
 
 
-def _row_to_version(row: sqlite3.Row) -> AdapterVersion:
+def _row_to_version(row: Row) -> AdapterVersion:
     doc = json.loads(row["metadata"])
     return AdapterVersion(
         namespace=row["namespace"],
@@ -294,63 +295,37 @@ def _row_to_version(row: sqlite3.Row) -> AdapterVersion:
     )
 
 
-class LocalRegistry(Registry):
-    """The embedded registry: ``index.db`` + ``blobs/`` + ``tmp/`` under ``path``.
+class IndexedRegistry(Registry):
+    """A registry over an ``Index`` (SQLite or PostgreSQL) and a ``BlobBackend`` (folder or S3).
 
-    Safe to use from many threads and processes at once (SQLite serialises writers).
+    Safe to use from many threads and processes at once: every change runs in one index transaction
+    holding the index's writer lock (see ``index.py``). ``LocalRegistry`` is the embedded one;
+    ``backends.open_backends`` builds one from URLs.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, reconcile: bool = True):
-        self.root = Path(path).expanduser() if path is not None else default_home()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(self.root)
-        self.db_path = self.root / "index.db"
-        db = self._connect()
-        try:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a publish
-            db.executescript(_SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        finally:
-            db.close()
+    def __init__(self, index: Index, blobs: BlobBackend, *, reconcile: bool = True):
+        self.index = index
+        self.blobs = blobs
+        index.ensure_schema(_SCHEMA, {"schema_version": str(SCHEMA_VERSION)})
         self.last_reconcile: dict[str, int] = {}
         if reconcile:
             self.last_reconcile = self.reconcile()
 
     def __repr__(self) -> str:
-        return f"LocalRegistry({str(self.root)!r})"
+        return f"{type(self).__name__}({self.index!r}, {self.blobs!r})"
+
+    def close(self) -> None:
+        self.index.close()
+        self.blobs.close()
 
     # -- database plumbing --------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        # A connection per operation: cheap in SQLite, and never shared across threads.
-        db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=60000")
-        db.execute("PRAGMA synchronous=FULL")  # a reported publish survives power loss too
-        return db
+    def _read(self) -> AbstractContextManager[Connection]:
+        return self.index.read()
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        db = self._connect()
-        try:
-            yield db
-        finally:
-            db.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction holding SQLite's write lock from the start (BEGIN IMMEDIATE)."""
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+    def _write(self) -> AbstractContextManager[Connection]:
+        """One transaction holding the index's writer lock from the start."""
+        return self.index.write()
 
     # -- consistency --------------------------------------------------------------------------
 
@@ -362,7 +337,7 @@ class LocalRegistry(Registry):
         """
         with self._write() as db:
             stale = self.blobs.remove_stale_temps()
-            on_disk = self.blobs.all_blobs()
+            on_disk = self.blobs.sizes()
             live = {r[0] for r in db.execute("SELECT DISTINCT sha256 FROM versions WHERE deleted = 0")}
             orphans = [sha for sha in on_disk if sha not in live]
             for sha in orphans:
@@ -377,7 +352,7 @@ class LocalRegistry(Registry):
         """Problems found (empty when consistent): rows without blobs, blobs without rows, temp files,
         and with ``deep`` blobs whose bytes do not hash to their name."""
         problems: list[str] = []
-        on_disk = self.blobs.all_blobs()
+        on_disk = self.blobs.sizes()
         with self._read() as db:
             rows = db.execute("SELECT namespace, name, version, sha256, size FROM versions WHERE deleted = 0").fetchall()
         live = set()
@@ -385,12 +360,12 @@ class LocalRegistry(Registry):
             live.add(r["sha256"])
             if r["sha256"] not in on_disk:
                 problems.append(f"{r['namespace']}/{r['name']}@{r['version']}: blob {r['sha256'][:12]} is missing")
-            elif on_disk[r["sha256"]].stat().st_size != r["size"]:
+            elif on_disk[r["sha256"]] != r["size"]:
                 problems.append(f"{r['namespace']}/{r['name']}@{r['version']}: blob size differs from the index")
         for sha in on_disk:
             if sha not in live:
                 problems.append(f"blob {sha[:12]} has no index row")
-            elif deep and sha256_file(on_disk[sha])[0] != sha:
+            elif deep and self.blobs.hash_of(sha) != sha:
                 problems.append(f"blob {sha[:12]} does not hash to its name")
         problems += [f"temp file {p.name} left over" for p in self.blobs.temp_files()]
         return problems
@@ -511,10 +486,10 @@ class LocalRegistry(Registry):
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _rows(self, db: sqlite3.Connection, ref: Ref) -> list[sqlite3.Row]:
+    def _rows(self, db: Connection, ref: Ref) -> list[Row]:
         return db.execute("SELECT * FROM versions WHERE namespace=? AND name=?", (ref.namespace, ref.name)).fetchall()
 
-    def _resolve(self, db: sqlite3.Connection, ref: Ref) -> sqlite3.Row:
+    def _resolve(self, db: Connection, ref: Ref) -> Row:
         rows = self._rows(db, ref)
         if not rows:
             raise NotFound(f"no adapter {ref.adapter!r} in this registry")
@@ -565,7 +540,7 @@ class LocalRegistry(Registry):
                 args.append(value)
         with self._read() as db:
             rows = db.execute(sql, args).fetchall()
-        latest: dict[tuple[str, str], sqlite3.Row] = {}
+        latest: dict[tuple[str, str], Row] = {}
         for r in rows:
             key = (r["namespace"], r["name"])
             if key not in latest or version_key(r["version"]) > version_key(latest[key]["version"]):
@@ -582,8 +557,8 @@ class LocalRegistry(Registry):
 
     def blob_path(self, version: AdapterVersion) -> Path:
         """Where a version's bytes are stored (not re-hashed: for serving, the client verifies)."""
-        path = self.blobs.path_for(version.sha256)
-        if not path.is_file():
+        path = self.blobs.local_path(version.sha256)
+        if path is None:
             raise NotFound(f"{version.ref} is listed but its file is missing from the blob store")
         return path
 
@@ -604,7 +579,7 @@ class LocalRegistry(Registry):
             raise BadRequest(f"{ref!r}: give an exact version, e.g. {target.adapter}@1")
         return target
 
-    def _check_owner(self, db: sqlite3.Connection, target: Ref, owner: str | None) -> None:
+    def _check_owner(self, db: Connection, target: Ref, owner: str | None) -> None:
         if owner is None:
             return
         row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (target.namespace,)).fetchone()
@@ -641,7 +616,7 @@ class LocalRegistry(Registry):
     def stats(self) -> dict[str, int]:
         with self._read() as db:
             adapters = db.execute(
-                "SELECT COUNT(*) FROM (SELECT DISTINCT namespace, name FROM versions WHERE deleted = 0)"
+                "SELECT COUNT(*) FROM (SELECT DISTINCT namespace, name FROM versions WHERE deleted = 0) AS adapters"
             ).fetchone()[0]
             versions = db.execute("SELECT COUNT(*) FROM versions WHERE deleted = 0").fetchone()[0]
         return {"adapters": adapters, "versions": versions}
@@ -658,6 +633,19 @@ class LocalRegistry(Registry):
                     )
                 ]
         return out
+
+
+class LocalRegistry(IndexedRegistry):
+    """The embedded registry: ``index.db`` (SQLite) + ``blobs/`` + ``tmp/`` under ``path``."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, reconcile: bool = True):
+        self.root = Path(path).expanduser() if path is not None else default_home()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "index.db"
+        super().__init__(SqliteIndex(self.db_path), BlobStore(self.root), reconcile=reconcile)
+
+    def __repr__(self) -> str:
+        return f"LocalRegistry({str(self.root)!r})"
 
 
 def _search_text(v: AdapterVersion) -> str:

@@ -33,6 +33,7 @@ from .errors import BadRequest, HubError, InvalidArtifact, NotFound, TooLarge
 from .names import LATEST, NAME_RULE, Ref, validate_name, validate_version
 from .registry import (
     AdapterVersion,
+    IndexedRegistry,
     LocalRegistry,
     parse_declared_base,
     validate_description,
@@ -138,9 +139,10 @@ def _human_size(n: int) -> str:
     return f"{n} B"
 
 
-def create_app(root: str | os.PathLike, max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
-    """The ASGI app serving the registry at ``root`` (created if missing, reconciled on start)."""
-    registry = LocalRegistry(root)
+def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
+    """The ASGI app serving the registry at ``root`` (created if missing, reconciled on start), or
+    ``root`` itself when it is a registry (PostgreSQL + S3: ``backends.open_backends``)."""
+    registry = root if isinstance(root, IndexedRegistry) else LocalRegistry(root)
     tokens = TokenStore(registry)
     app = FastAPI(
         title="adapterkit hub",
@@ -383,7 +385,7 @@ def create_app(root: str | os.PathLike, max_upload_bytes: int = DEFAULT_MAX_UPLO
 
 
 def serve(
-    root: str | os.PathLike,
+    root: str | os.PathLike | IndexedRegistry,
     host: str = "127.0.0.1",
     port: int = 8765,
     *,

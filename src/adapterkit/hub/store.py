@@ -1,4 +1,5 @@
-"""A content-addressed blob store: ``blobs/ab/cdef…`` named by the sha256 of the bytes.
+"""Blob stores: the interface (``BlobBackend``) and the folder one, ``blobs/ab/cdef…`` named by the
+sha256 of the bytes (the S3 one is ``blobs_s3.S3BlobStore``).
 
 Bytes arrive in a temp file under ``tmp/`` (hashed as they are written), are fsynced, and only then
 renamed into ``blobs/``; a rename is atomic, so a blob path either does not exist or holds the whole,
@@ -8,6 +9,7 @@ can tell a temp file left by a crash (lock free) from one still being written (l
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import tempfile
@@ -95,7 +97,59 @@ class Upload:
         self.discard()
 
 
-class BlobStore:
+class BlobBackend(abc.ABC):
+    """Where a registry keeps artifact bytes, named by their sha256.
+
+    Uploads are always spooled to a local temp file first (``upload()``: hashed while written,
+    validated by the registry), and ``adopt`` makes one a blob in a single step that is all or
+    nothing; the registry calls it inside its index's write transaction, so a blob without an index
+    row exists only after a crash, and ``reconcile`` removes it.
+    """
+
+    tmp_dir: Path
+
+    def upload(self) -> Upload:
+        return Upload(self.tmp_dir)
+
+    @abc.abstractmethod
+    def adopt(self, upload: Upload) -> None:
+        """Store a finished upload as the blob named by its sha256 (a no-op for bytes already stored)."""
+
+    @abc.abstractmethod
+    def remove(self, sha256: str) -> None:
+        """Delete a blob (missing is fine)."""
+
+    @abc.abstractmethod
+    def sizes(self) -> dict[str, int]:
+        """Every stored blob: sha256 -> size in bytes."""
+
+    @abc.abstractmethod
+    def hash_of(self, sha256: str) -> str:
+        """The sha256 of the stored bytes, read back in full (for deep checks and migration)."""
+
+    @abc.abstractmethod
+    def local_path(self, sha256: str) -> Path | None:
+        """A local file holding the blob (fetched into a cache for remote stores, verified on the
+        way), or None when the store has no such blob."""
+
+    def temp_files(self) -> list[Path]:
+        return [p for p in self.tmp_dir.iterdir() if p.is_file()]
+
+    def remove_stale_temps(self) -> int:
+        """Delete temp files whose writer is gone; return how many."""
+        removed = 0
+        for path in self.temp_files():
+            if _is_stale(path):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def close(self) -> None:
+        """Release clients and connections."""
+        return None  # nothing to release by default
+
+
+class BlobStore(BlobBackend):
     """Blobs under ``root/blobs`` named by sha256, temp files under ``root/tmp``."""
 
     def __init__(self, root: Path):
@@ -104,14 +158,14 @@ class BlobStore:
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
+    def __repr__(self) -> str:
+        return f"BlobStore({str(self.blob_dir.parent)!r})"
+
     def path_for(self, sha256: str) -> Path:
         return self.blob_dir / sha256[:2] / sha256[2:]
 
     def has(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
-
-    def upload(self) -> Upload:
-        return Upload(self.tmp_dir)
 
     def adopt(self, upload: Upload) -> Path:
         """Move a finished upload into the store (atomic rename); returns the blob path.
@@ -148,17 +202,15 @@ class BlobStore:
                     found[sha] = f
         return found
 
-    def temp_files(self) -> list[Path]:
-        return [p for p in self.tmp_dir.iterdir() if p.is_file()]
+    def sizes(self) -> dict[str, int]:
+        return {sha: path.stat().st_size for sha, path in self.all_blobs().items()}
 
-    def remove_stale_temps(self) -> int:
-        """Delete temp files whose writer is gone; return how many."""
-        removed = 0
-        for path in self.temp_files():
-            if _is_stale(path):
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+    def hash_of(self, sha256: str) -> str:
+        return sha256_file(self.path_for(sha256))[0]
+
+    def local_path(self, sha256: str) -> Path | None:
+        path = self.path_for(sha256)
+        return path if path.is_file() else None
 
 
 def _is_stale(path: Path) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .errors import NotFound, Unauthorized
 from .names import validate_name
-from .registry import LocalRegistry
+from .registry import IndexedRegistry
 
 TOKEN_RE = re.compile(r"^akt_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 
@@ -34,9 +34,9 @@ def _hash(token: str) -> str:
 
 
 class TokenStore:
-    """Create, revoke and check tokens in a LocalRegistry's index."""
+    """Create, revoke and check tokens in a registry's index."""
 
-    def __init__(self, registry: LocalRegistry):
+    def __init__(self, registry: IndexedRegistry):
         self.registry = registry
 
     def create(self, owner: str) -> tuple[TokenInfo, str]:
