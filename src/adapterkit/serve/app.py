@@ -49,6 +49,7 @@ from .cache import (
     open_source,
 )
 from .metrics import ServeMetrics
+from .openai_api import mount_openai_api
 from .runner import LM_TASKS, SEQUENCE_TASKS, TOKEN_TASKS, InputTooLong, ModelRunner, Row, load_base
 
 
@@ -263,6 +264,9 @@ def _endpoint_label(path: str) -> str:
         "/v1/classify",
         "/v1/tag",
         "/v1/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
         "/v1/adapters",
         "/health",
         "/metrics",
@@ -353,6 +357,9 @@ def create_app(
         app.add_exception_handler(exc, _mapped)
 
     app.add_middleware(RequestMetrics, metrics=metrics)
+    # OpenAI-compatible generation by continuous batching (openai_api.py): /v1/completions,
+    # /v1/chat/completions, /v1/models; its decode loop starts and drains with the app.
+    app.state.decode = mount_openai_api(app, service)
 
     # -- tasks -----------------------------------------------------------------------------------
 
