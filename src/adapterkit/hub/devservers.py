@@ -35,6 +35,7 @@ STOP_TIMEOUT = 30.0
 PG_USER = "adapterkit"
 S3_ACCESS_KEY = "adapterkit-dev"
 S3_SECRET_KEY = "adapterkit-dev-secret"
+WEED_STOP_GRACE = 2.0
 # The grpc port of each SeaweedFS component is its http port + 10000.
 GRPC_OFFSET = 10000
 
@@ -82,12 +83,12 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
-def _stop(proc: subprocess.Popen | None, sig: int) -> None:
+def _stop(proc: subprocess.Popen | None, sig: int, grace: float = STOP_TIMEOUT) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(sig)
     try:
-        proc.wait(timeout=STOP_TIMEOUT)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=STOP_TIMEOUT)
@@ -276,7 +277,8 @@ class DevSeaweedS3:
         self.client().create_bucket(Bucket=name)
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM)
+        # weed drains for ~15 s on SIGTERM; its data is thrown away next, so do not wait for that.
+        _stop(self.proc, signal.SIGTERM, grace=WEED_STOP_GRACE)
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
