@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from overhead import load_base
 
-from adapterkit import AdapterConfig, AdapterModel, bank
+from adapterkit import AdapterConfig, AdapterModel, routing
 from adapterkit import model as model_module
 
 
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     rng.shuffle(mixed_names)
 
     totals: Counter = Counter()
-    timed(bank.Route, "apply_site", totals, "adapter sites (incl. gathers)")
-    timed(bank.Route, "_gather", totals, "weight gathers (sites and norms)")
+    timed(routing.Route, "apply_site", totals, "adapter sites (incl. gathers)")
+    timed(routing.Route, "gather", totals, "weight gathers (sites and norms)")
     timed(model_module._RoutedNorm, "__call__", totals, "layer norms (incl. gathers)")
 
     print(f"{args.model}, {args.rows} x {args.tokens}, {args.tasks} adapters, {args.threads} threads; ms per forward")

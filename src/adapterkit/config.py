@@ -1,21 +1,16 @@
-"""AdapterConfig: one dataclass for every bottleneck-adapter kind."""
+"""AdapterConfig: one dataclass for every adapter kind; the kinds themselves live in ``kinds/``."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-KINDS = ("houlsby", "pfeiffer", "parallel")
-ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh")
+from .kinds import KINDS as _KIND_REGISTRY
+from .kinds import AdapterKind, get_kind
 
-# Where each kind puts its bottlenecks, and what feeds them:
-#   serial   -> fed by the sublayer's output, added to it (the adapter's own skip connection)
-#   parallel -> fed by the sublayer's input, scaled, added to its output (He et al. 2022)
-KIND_SITES: dict[str, tuple[str, ...]] = {
-    "houlsby": ("attn", "ffn"),  # after the attention output projection and after the FFN
-    "pfeiffer": ("ffn",),
-    "parallel": ("ffn",),
-}
+# The registered kind names, built-in ones first (``kinds/`` adds one per module).
+KINDS: tuple[str, ...] = tuple(_KIND_REGISTRY)
+ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh")
 
 
 @dataclass
@@ -26,15 +21,16 @@ class AdapterConfig:
     when neither is given, ``reduction_factor=16``.
 
     Attributes:
-        kind: ``"houlsby"`` (serial after attention and FFN, trains layer norms), ``"pfeiffer"``
-            (serial after the FFN only) or ``"parallel"`` (fed by the FFN input, scaled, added to its
-            output).
+        kind: a registered kind (``adapterkit.kinds``, one module each): ``"houlsby"`` (serial after
+            attention and FFN, trains layer norms), ``"pfeiffer"`` (serial after the FFN only),
+            ``"parallel"`` (fed by the FFN input, scaled, added to its output) or
+            ``"serial_attention"`` (serial after attention only).
         activation: the bottleneck's nonlinearity: relu, gelu, silu (= swish) or tanh.
         dropout: dropout on the bottleneck's output while training.
         leave_out: layer indices that get no adapter (decoder layers of encoder-decoder models are
             numbered after the encoder's).
-        scaling: multiplier on the bottleneck's output (defaults: 1.0 serial, 4.0 parallel).
-        train_layer_norms: train per-task layer-norm affines (default: True for houlsby only).
+        scaling: multiplier on the bottleneck's output (default: the kind's; 1.0 serial, 4.0 parallel).
+        train_layer_norms: train per-task layer-norm affines (default: the kind's; True for houlsby only).
         init_std: std of the truncated-normal init of both projections; biases start at zero, so the
             adapter starts close to the identity.
     """
@@ -50,8 +46,7 @@ class AdapterConfig:
     init_std: float = 1e-2
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"AdapterConfig.kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        kind = get_kind(self.kind)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"AdapterConfig.activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
         if self.activation == "swish":
@@ -80,25 +75,33 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.leave_out must be a list of layer indices >= 0; got {self.leave_out!r}")
         self.leave_out = sorted(set(self.leave_out))
         if self.scaling is None:
-            self.scaling = 4.0 if self.kind == "parallel" else 1.0
+            self.scaling = kind.default_scaling
         if not isinstance(self.scaling, int | float) or not self.scaling > 0:
             raise ValueError(f"AdapterConfig.scaling must be a positive number; got {self.scaling!r}")
         self.scaling = float(self.scaling)
         if self.train_layer_norms is None:
-            self.train_layer_norms = self.kind == "houlsby"
+            self.train_layer_norms = kind.trains_layer_norms
         if not isinstance(self.train_layer_norms, bool):
             raise ValueError(f"AdapterConfig.train_layer_norms must be True, False or None; got {self.train_layer_norms!r}")
         if not isinstance(self.init_std, int | float) or not self.init_std > 0:
             raise ValueError(f"AdapterConfig.init_std must be a positive number; got {self.init_std!r}")
+        if kind.check is not None:
+            kind.check(self)
+
+    @property
+    def kind_spec(self) -> AdapterKind:
+        """This config's kind from the registry (``adapterkit.kinds``)."""
+        return get_kind(self.kind)
 
     @property
     def sites(self) -> tuple[str, ...]:
-        """The sublayer positions this kind adapts: a subset of ("attn", "ffn")."""
-        return KIND_SITES[self.kind]
+        """The positions this kind adapts (``kinds.POSITIONS``), e.g. ("attn", "ffn")."""
+        return tuple(get_kind(self.kind).sites)
 
     @property
     def parallel(self) -> bool:
-        return self.kind == "parallel"
+        """Some module of this kind is fed by its sublayer's input rather than its output."""
+        return "input" in get_kind(self.kind).sites.values()
 
     def bottleneck_for(self, hidden_size: int) -> int:
         """The bottleneck width r for a model of this hidden size."""

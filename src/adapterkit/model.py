@@ -35,10 +35,13 @@ from .artifact import (
     read_artifact,
     write_artifact,
 )
-from .bank import NO_ADAPTERS, NoAdapters, Route, StackStore, TaskAdapter, current_route, routed
 from .config import AdapterConfig
 from .heads import HEAD_TYPES, HEADLESS_TYPES, build_head, head_loss
+from .kinds import POSITIONS
+from .routing import NO_ADAPTERS, NoAdapters, Route, current_route, routed
 from .sites import SiteSpec, find_layers, guess_sites, sites_for
+from .stacks import StackStore
+from .task_adapter import TaskAdapter
 
 AdapterNames = str | Sequence[str | None] | None
 _NAME_FORBIDDEN = set("/\\\x00")
@@ -193,19 +196,20 @@ class AdapterModel(nn.Module):
 
             return hook
 
-        def capture_hook(layer: int):
+        def capture_hook(layer: int, position: str):
             def hook(module: nn.Module, args: tuple):
                 owner = me()
                 route = owner._route() if owner is not None else None
-                if route is not None and route.needs_ffn_input(layer):
-                    route.keep_ffn_input(layer, args[0])
+                if route is not None and route.needs_input(layer, position):
+                    route.keep_input(layer, position, args[0])
 
             return hook
 
         for ls in self.layer_sites:
-            self._handles.append(ls.attn_out.register_forward_hook(site_hook(ls.index, "attn")))
-            self._handles.append(ls.ffn_out.register_forward_hook(site_hook(ls.index, "ffn")))
-            self._handles.append(ls.ffn_in.register_forward_pre_hook(capture_hook(ls.index)))
+            for position, where in POSITIONS.items():
+                self._handles.append(getattr(ls, where.output).register_forward_hook(site_hook(ls.index, position)))
+                if where.input is not None:
+                    self._handles.append(getattr(ls, where.input).register_forward_pre_hook(capture_hook(ls.index, position)))
 
     def detach(self) -> nn.Module:
         """Remove every hook and wrapper and return the base model, exactly as it was."""

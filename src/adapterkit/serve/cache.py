@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..bank import TaskAdapter
 from ..model import AdapterModel
+from ..task_adapter import TaskAdapter
 from .metrics import ServeMetrics
 
 _STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

@@ -1,0 +1,138 @@
+"""What an adapter kind is: the positions it acts at, the module it puts there, and that module's maths.
+
+A *position* is a place in one transformer layer where kinds act, resolved through the layer's
+``LayerSites`` (``sites.py``). A forward hook hands the output of the position's ``output`` module to
+the routed adapters, which return the new output (an output-add, or any per-row function of it). A kind
+fed by the sublayer's *input* (parallel adapters) reads what a pre-hook captured from the position's
+``input`` module in the same forward.
+
+A *kind* (``AdapterKind``) names its positions, what feeds each (``"output"`` or ``"input"``), the
+``SiteModule`` class it builds there, and its defaults. The ``SiteModule`` class carries the maths:
+``apply_single`` (one adapter for the whole batch, its own parameters) and the classmethods
+``mixed_plan`` / ``apply_mixed`` (per-row weights in a mixed batch). Rows of every kind whose modules
+share a class go through one ``apply_mixed`` call; rows of other classes at that site see zero weights
+there, and each class's pass runs in turn. Routing (``routing.py``) knows nothing else about kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..stacks import bump_epoch
+
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
+    from ..routing import Route
+
+FEEDS = ("output", "input")
+
+
+@dataclass(frozen=True)
+class Position:
+    """A place in a transformer layer where a kind's module acts.
+
+    ``output``: the ``LayerSites`` attribute whose output a forward hook passes to the adapters.
+    ``input``: the ``LayerSites`` attribute whose first input a pre-hook captures for modules fed by
+    the sublayer's input, or None where ``sites.py`` names no such module (no ``"input"`` feed there).
+    """
+
+    output: str
+    input: str | None = None
+
+
+# The positions hooked on every layer. A new position (LoRA on ``attn_q``, IA3 on keys and values)
+# is one more entry here plus the module role in ``sites.py``; routing takes it from there.
+POSITIONS: dict[str, Position] = {
+    "attn": Position(output="attn_out"),  # after the attention output projection
+    "ffn": Position(output="ffn_out", input="ffn_in"),  # after the FFN; its input feeds parallel kinds
+}
+
+
+class SiteModule(nn.Module):
+    """One task's parameters at one position of one layer, and the maths that applies them.
+
+    Subclasses set ``feed`` (per instance: one class may serve serial and parallel kinds), implement
+    ``params`` (the tensors a mixed batch stacks, read live), ``apply_single`` and, for mixed batches,
+    the classmethods ``mixed_plan`` and ``apply_mixed``.
+    """
+
+    feed: str = "output"
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SiteModule:
+        bump_epoch(self)  # .to() / .half() / .cuda(): stacked copies of these weights are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def apply_single(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+        """This adapter on every row: the hooked module's new output, from its output ``out`` and this
+        module's feed ``z`` (``out`` itself, or the captured sublayer input); None leaves ``out``."""
+        raise NotImplementedError
+
+    @classmethod
+    def mixed_plan(cls, members: list[SiteModule | None], slots: list[int]) -> Any | None:
+        """What a mixed pass at one site needs besides weights, computed once per route and cached.
+
+        ``members[k]``: adapter k's module here (None: absent, or of another class); ``slots[i]``:
+        row i's adapter as 1 + k, or 0 for none. None: no row has a module of this class here.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def apply_mixed(
+        cls, route: Route, layer: int, position: str, plan: Any, out: torch.Tensor, captured: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Each row through its own adapter's module: the new output of the hooked module.
+
+        Rows whose module is of another class, or who have none, must come out exactly unchanged.
+        ``route.gather`` gives row-aligned weights (from the model's stacks under inference);
+        ``captured`` is the position's input (B, ..., d) when any module here is fed by it.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterKind:
+    """One adapter kind: where it acts, what it builds there, and its defaults.
+
+    Attributes:
+        name: the ``AdapterConfig.kind`` value.
+        sites: position -> feed (``"output"``: the sublayer's output; ``"input"``: its captured input),
+            in the order the modules are built (and named in the state dict).
+        module: the ``SiteModule`` class built at each position, as ``module(hidden_size, config,
+            feed=..., **factory)``.
+        default_scaling: ``AdapterConfig.scaling`` when not given.
+        trains_layer_norms: ``AdapterConfig.train_layer_norms`` when not given.
+        summary: one line for documentation and the command line.
+        check: optional extra validation of an ``AdapterConfig`` of this kind (raise ValueError).
+        order: sort key among kinds (the built-in ones first, in the order the README lists them).
+    """
+
+    name: str
+    sites: dict[str, str]
+    module: type[SiteModule]
+    default_scaling: float = 1.0
+    trains_layer_norms: bool = False
+    summary: str = ""
+    check: Callable[[AdapterConfig], None] | None = None
+    order: int = 100
+
+    def __post_init__(self) -> None:
+        for position, feed in self.sites.items():
+            if position not in POSITIONS:
+                raise ValueError(f"kind {self.name!r}: unknown position {position!r}; known: {', '.join(POSITIONS)}")
+            if feed not in FEEDS:
+                raise ValueError(f"kind {self.name!r}: feed of {position!r} must be one of {', '.join(FEEDS)}")
+            if feed == "input" and POSITIONS[position].input is None:
+                raise ValueError(f"kind {self.name!r}: position {position!r} has no input site to feed it")
+
+    def build(self, position: str, hidden_size: int, config: AdapterConfig, **factory: Any) -> SiteModule:
+        """The module this kind puts at ``position`` for one layer."""
+        return self.module(hidden_size, config, feed=self.sites[position], **factory)

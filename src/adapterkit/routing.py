@@ -1,0 +1,188 @@
+"""Per-row routing: which adapter each row of the current forward pass uses, and the ContextVar that
+carries it to the hooks.
+
+Free of adapter kinds: a site's modules bring their own maths (``kinds/interface.py``); this module
+only resolves rows to modules, groups them by maths, hands over captured inputs and gathers weights.
+
+Shapes: B rows, T tokens, d hidden size, K distinct adapters in a batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .stacks import StackStore
+from .task_adapter import TaskAdapter
+
+
+@dataclass(eq=False)
+class Route:
+    """The adapters of one forward call (or one ``generate`` call), row by row.
+
+    ``single`` is set when every row uses the same adapter: then sites run that adapter's own
+    parameters on the whole batch (no gather, no copies). Otherwise ``rows`` holds each row's adapter
+    (None: no adapter) and sites gather per-row weights from ``store``.
+    """
+
+    rows: list[TaskAdapter | None]
+    single: TaskAdapter | None = None
+    repeats_rows: bool = False  # generate() may repeat each row (beams, num_return_sequences)
+    # sublayer inputs captured for input-fed modules, per (thread, layer, position): the default
+    # route is shared by threads
+    captured: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
+    store: StackStore | None = None  # the model's weight stacks; a route without one keeps its own
+
+    @classmethod
+    def for_rows(cls, rows: list[TaskAdapter | None], store: StackStore | None = None) -> Route | None:
+        unique = {id(a): a for a in rows}
+        if len(unique) == 1:
+            only = rows[0]
+            return None if only is None else cls(rows, single=only)
+        return cls(rows, store=store)
+
+    def __post_init__(self) -> None:
+        # Distinct adapters in this route, in first-seen order.
+        self.adapters: list[TaskAdapter] = list({id(a): a for a in self.rows if a is not None}.values())
+        slot = {id(a): k + 1 for k, a in enumerate(self.adapters)}
+        self.slots = [0 if a is None else slot[id(a)] for a in self.rows]  # row -> 1 + index in adapters
+        if self.single is None and self.store is None:
+            self.store = StackStore()
+
+    def slot_index(self, device: torch.device) -> torch.Tensor:
+        """(B,) row -> slot, where slot 0 means "no adapter here"."""
+        key = ("slots", device)
+        if key not in self.cache:
+            self.cache[key] = torch.tensor(self.slots, device=device)
+        return self.cache[key]
+
+    def members(self, key: tuple) -> list[Any]:
+        """Each distinct adapter's module at one site, (layer, position) or (layer, norm index)."""
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = [a._lookup().get(key) for a in self.adapters]
+        return hit
+
+    # -- captured sublayer inputs ----------------------------------------------------------------
+
+    def needs_input(self, layer: int, position: str) -> bool:
+        """Whether some module at this site reads the sublayer's input (a pre-hook keeps it)."""
+        key = ("input", layer, position)
+        if key not in self.cache:
+            self.cache[key] = any(m is not None and m.feed == "input" for m in self.members((layer, position)))
+        return self.cache[key]
+
+    def keep_input(self, layer: int, position: str, inp: torch.Tensor) -> None:
+        self.captured[(threading.get_ident(), layer, position)] = inp
+
+    def take_input(self, layer: int, position: str) -> torch.Tensor | None:
+        return self.captured.pop((threading.get_ident(), layer, position), None)
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def check_rows(self, n: int) -> int:
+        """How many times each route row repeats in a batch of n rows (1 outside generate)."""
+        rows = len(self.rows)
+        if n == rows:
+            return 1
+        if not self.repeats_rows or n % rows:
+            raise ValueError(f"adapter_names has {rows} entries but the batch has {n} rows")
+        return n // rows
+
+    def expand(self, per_row: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-row tensor (B, ...) for a batch of n rows: generate() repeats each row for beams."""
+        rep = self.check_rows(n)
+        return per_row if rep == 1 else per_row.repeat_interleave(rep, dim=0)
+
+    def gather(self, key: tuple, members: list[Any], dtype: torch.dtype, device: torch.device, zeros, pack) -> list[torch.Tensor]:
+        """Per-row weights (B, ...) of one site: row i gets ``pack(member of its adapter)``, or ``zeros()``.
+        Inference: from the store. Autograd: stacked afresh, so that gradients reach each adapter's
+        parameters. ``key`` names the site and everything that shapes the stacked tensors but dtype
+        and device (each maths its own prefix: ``("site", ...)``, ``("norm", ...)``)."""
+        if not torch.is_grad_enabled():
+            return self.store.gather((*key, dtype, device), members, self.slots, zeros, pack)
+        empty = zeros()
+        slot_packs = [empty] + [empty if m is None else pack(m) for m in members]
+        index = self.slot_index(device)
+        return [torch.stack([p[i] for p in slot_packs])[index] for i in range(len(empty))]
+
+    # -- sites -----------------------------------------------------------------------------------
+
+    def apply_site(self, layer: int, position: str, out: torch.Tensor) -> torch.Tensor | None:
+        """The hooked module's output with this route's adapters applied; None to leave it untouched."""
+        if self.single is not None:
+            m = self.single.site(layer, position)
+            if m is None:
+                return None
+            return m.apply_single(out, self.take_input(layer, position) if m.feed == "input" else out)
+        plans = self._site_plans(layer, position)
+        captured = self.take_input(layer, position)  # always: a kept input must not outlive its call
+        if not plans:
+            return None
+        for maths, plan in plans:
+            out = maths.apply_mixed(self, layer, position, plan, out, captured)
+        return out
+
+    def _site_plans(self, layer: int, position: str) -> list[tuple[type, Any]]:
+        """One (module class, its mixed plan) per class of module at this site, once per route."""
+        key = ("plan", layer, position)
+        plans = self.cache.get(key)
+        if plans is None:
+            members = self.members((layer, position))
+            classes = list(dict.fromkeys(type(m) for m in members if m is not None))
+            plans = []
+            for cls in classes:
+                own = members if len(classes) == 1 else [m if type(m) is cls else None for m in members]
+                plan = cls.mixed_plan(own, self.slots)
+                if plan is not None:
+                    plans.append((cls, plan))
+            self.cache[key] = plans
+        return plans
+
+    # -- norms -----------------------------------------------------------------------------------
+
+    def norm_affine(self, layer: int, index: int, dtype: torch.dtype, device: torch.device):
+        """Per-row (scale, shift) of one norm, each (B, 1, d); None when no row's task trains it."""
+        members = self.members((layer, index))
+        live = next((n for n in members if n is not None), None)
+        if live is None:
+            return None
+        d = live.scale.shape[0]
+
+        def identity():
+            return torch.ones(d, dtype=dtype, device=device), torch.zeros(d, dtype=dtype, device=device)
+
+        scale, shift = self.gather(("norm", layer, index), members, dtype, device, identity,
+                                   lambda n: (n.scale.to(dtype), n.shift.to(dtype)))
+        return scale[:, None], shift[:, None]
+
+
+class NoAdapters:
+    """Route sentinel: this call explicitly uses no adapter, whatever is active by default."""
+
+
+NO_ADAPTERS = NoAdapters()
+# model id -> its route for the current call. A mapping, so that routing one model never affects
+# another one (two AdapterModels in one process, or one called inside the other's route block).
+_CURRENT: ContextVar[dict[int, Route | NoAdapters] | None] = ContextVar("adapterkit_routes", default=None)
+
+
+def current_route(owner: object) -> Route | NoAdapters | None:
+    routes = _CURRENT.get()
+    return None if routes is None else routes.get(id(owner))
+
+
+@contextmanager
+def routed(owner: object, route: Route | NoAdapters):
+    """Make ``route`` ``owner``'s route for this thread / asyncio task until the block ends."""
+    token = _CURRENT.set({**(_CURRENT.get() or {}), id(owner): route})
+    try:
+        yield route
+    finally:
+        _CURRENT.reset(token)
