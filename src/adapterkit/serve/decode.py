@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..bank import routed
 from ..model import AdapterModel
+from ..routing import routed
 from .batcher import QueueFull
 from .runner import split_by_length
 
