@@ -29,7 +29,7 @@ from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from adapterkit import AdapterConfig, AdapterModel  # noqa: E402
 from adapterkit.data import EncodedTask, collate, stratified_sample  # noqa: E402
-from adapterkit.train import TrainConfig, evaluate, fit  # noqa: E402
+from adapterkit.training import TrainConfig, evaluate, fit  # noqa: E402
 
 TASKS = {"bbc": "BBC news topic", "spam": "SMS spam", "trec": "TREC-6 question type"}
 RECIPE = {"epochs": 3, "lr": 2e-3, "batch_size": 32, "max_length": 64}  # bottleneck 48: ~2.7 % with the head

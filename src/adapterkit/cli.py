@@ -8,7 +8,7 @@ import sys
 
 # Each part of the library that has commands exposes ``register(subparsers)``; imported lazily so that
 # ``adapterkit --help`` stays fast and a part's optional dependencies are only needed when it is used.
-_COMMAND_MODULES = ("adapterkit.train_cli", "adapterkit.hub.cli", "adapterkit.serve.cli")
+_COMMAND_MODULES = ("adapterkit.training.cli", "adapterkit.hub.cli", "adapterkit.serve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
