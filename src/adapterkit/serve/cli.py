@@ -106,6 +106,11 @@ def register(subparsers: Any) -> None:
         "--graceful-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
     )
     p.add_argument("--log-level", default="info")
+    ray = p.add_argument_group("Ray Serve (pip install 'adapterkit[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas, requests routed by adapter")
+    ray.add_argument("--replicas", type=int, default=2, help="model replicas with --ray (default 2)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    ray.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one on 127.0.0.1)")
     p.set_defaults(func=run)
 
 
@@ -137,6 +142,13 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         registry_token=os.environ.get("ADAPTERKIT_TOKEN") or None,
     )
+    if args.ray:
+        from .ray_serve import serve_on_ray
+
+        return serve_on_ray(
+            config, host=args.host, port=args.port, replicas=args.replicas, replica_cpus=args.replica_cpus,
+            address=args.ray_address,
+        )
     try:
         app = create_app(config)
     except (OSError, ValueError, LookupError, RuntimeError) as e:  # bad paths, artifacts, references
