@@ -250,3 +250,200 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], me
     finally:
         os.close(dir_fd)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The header alone: sizes checked before anything is allocated
+# ---------------------------------------------------------------------------------------------
+
+# safetensors allows a 100 MB header; an adapter's is a few kB (its tensor table and metadata).
+HEADER_MAX_BYTES = 16 << 20
+# The adapterkit JSON document inside it (labels dominate; 10,000 labels of 20 characters: 250 kB).
+METADATA_MAX_BYTES = 1 << 20
+# Caps on what metadata may ask a loader to build, whatever the file holds: a bottleneck wider than
+# this is no bottleneck, and a head with more labels than this is not a classification head.
+MAX_BOTTLENECK_SIZE = 8192
+MAX_LABELS = 32768
+MAX_LAYERS = 1024
+MAX_HIDDEN_SIZE = 65536
+_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the header describes it (nothing read from the data section)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A safetensors header, parsed and checked: every tensor's bytes lie inside the file and match
+    its dtype and shape, so no tensor can claim more memory than the file has bytes."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, TensorEntry]
+
+
+def read_header(path: str | os.PathLike, max_header_bytes: int = HEADER_MAX_BYTES) -> Header:
+    """Parse a safetensors header without reading (or allocating) any tensor.
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON
+    ``{name: {"dtype", "shape", "data_offsets": [start, end]}, "__metadata__": {str: str}}``, then
+    the data. Raises ArtifactError for anything malformed, FileNotFoundError for a missing file.
+    """
+    where = str(path)
+    with open(where, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ArtifactError(f"{where}: not a readable safetensors file ({size} bytes, shorter than its length field)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > max_header_bytes:
+            raise ArtifactError(
+                f"{where}: truncated or corrupt safetensors file: header claims {n} bytes; at most {max_header_bytes} are accepted"
+            )
+        if 8 + n > size:
+            raise ArtifactError(f"{where}: truncated or corrupt safetensors file (header of {n} bytes, file of {size})")
+        raw = f.read(n)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{where}: not a readable safetensors file: its header is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{where}: safetensors header is not a JSON object")
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ArtifactError(f"{where}: safetensors __metadata__ must map strings to strings")
+    data_size = size - 8 - n
+    tensors: dict[str, TensorEntry] = {}
+    for name, entry in doc.items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{where}: header entry {name[:80]!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _ITEMSIZE:
+            raise ArtifactError(f"{where}: tensor {name[:80]!r} has unknown dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ArtifactError(f"{where}: tensor {name[:80]!r} has a malformed shape")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise ArtifactError(
+                f"{where}: truncated or corrupt safetensors file: tensor {name[:80]!r} has data offsets outside "
+                f"the file ({data_size} data bytes)"
+            )
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if nbytes != offsets[1] - offsets[0]:
+            raise ArtifactError(
+                f"{where}: tensor {name[:80]!r} of shape {tuple(shape)} needs {nbytes} bytes, its offsets span {offsets[1] - offsets[0]}"
+            )
+        tensors[name] = TensorEntry(dtype, tuple(shape), nbytes)
+    return Header(meta, tensors)
+
+
+def check_size_caps(doc: dict[str, Any], hidden_size: int, where: str = "artifact") -> None:
+    """Refuse metadata that asks for more than the caps above (before anything is built from it)."""
+    config, labels = doc.get("config"), doc.get("task", {}).get("labels", [])
+    if not isinstance(hidden_size, int) or not 0 < hidden_size <= MAX_HIDDEN_SIZE:
+        raise ArtifactError(f"{where}: hidden size {hidden_size!r} is outside 1..{MAX_HIDDEN_SIZE}")
+    head = doc.get("head")
+    outputs = head.get("num_labels") if isinstance(head, dict) else None
+    for count in (len(labels) if isinstance(labels, list) else 0, outputs if isinstance(outputs, int) else 0):
+        if count > MAX_LABELS:
+            raise ArtifactError(f"{where}: {count} labels; at most {MAX_LABELS} are accepted")
+    from .config import AdapterConfig  # config is light; imported here to keep this module's imports minimal
+
+    try:
+        r = AdapterConfig.from_dict(config).bottleneck_for(hidden_size)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+        raise ArtifactError(f"{where}: bad adapter config in metadata: {e}") from None
+    if r > MAX_BOTTLENECK_SIZE:
+        raise ArtifactError(f"{where}: bottleneck size {r} is over the cap of {MAX_BOTTLENECK_SIZE}")
+
+
+def expected_shapes(
+    doc: dict[str, Any], hidden_size: int, norms_per_layer: list[int], pooling: str | None = "first"
+) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the adapter that ``doc`` describes, for a model with this hidden size
+    and these layer norms: the real modules, built on the ``meta`` device (no memory for weights)."""
+    from .bank import TaskAdapter  # the modules define the names and shapes; never restate them here
+    from .config import AdapterConfig
+    from .heads import HEAD_TYPES, build_head
+
+    task = doc["task"]
+    config = AdapterConfig.from_dict(doc["config"])
+    with torch.device("meta"):
+        head = None
+        if task["type"] in HEAD_TYPES:
+            # The head's own output count (a loader checks it against the labels afterwards).
+            head_spec = doc.get("head")
+            outputs = head_spec.get("num_labels") if isinstance(head_spec, dict) else None
+            if isinstance(outputs, bool) or not isinstance(outputs, int):
+                outputs = len(task.get("labels", []))
+            spec = {"type": task["type"], "num_labels": outputs}
+            head = build_head(spec, hidden_size, pooling or "first")
+        adapter = TaskAdapter(config, hidden_size, norms_per_layer, head=head, device="meta")
+    return {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+
+
+def check_shapes(header: Header, expected: dict[str, tuple[int, ...]], where: str = "artifact") -> None:
+    """ArtifactError unless the header holds exactly the expected tensors with the expected shapes."""
+    missing = sorted(set(expected) - set(header.tensors))
+    unexpected = sorted(set(header.tensors) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{where}: tensors do not match the adapter its metadata describes "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {[u[:80] for u in unexpected[:5]]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    wrong = [f"{k}: file {header.tensors[k].shape} vs model {v}" for k, v in expected.items() if header.tensors[k].shape != v]
+    if wrong:
+        raise ArtifactError(f"{where}: tensor shapes do not match: {'; '.join(wrong[:5])}")
+
+
+def header_metadata(header: Header, where: str = "artifact", max_bytes: int = METADATA_MAX_BYTES) -> dict[str, Any]:
+    """The validated adapterkit document of a parsed header (at most ``max_bytes`` of JSON)."""
+    text = header.metadata.get(METADATA_KEY)
+    if text is not None and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise ArtifactError(f"{where}: adapterkit metadata is {len(text)} characters; at most {max_bytes} bytes are accepted")
+    try:
+        return _parse_header_metadata(header.metadata, where)
+    except RecursionError:
+        raise ArtifactError(f"{where}: adapterkit metadata is nested too deeply") from None
+
+
+def check_artifact_shapes(
+    path: str | os.PathLike,
+    hidden_size: int,
+    norms_per_layer: list[int],
+    pooling: str | None = "first",
+    *,
+    expected_base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Check an artifact from its header alone, for a model of these dimensions; return its metadata.
+
+    Order: header bounds, metadata, (with ``expected_base``) the base fingerprint, the caps, then the
+    exact tensor names and shapes that the config implies. Only then may a loader build modules:
+    memory then follows from the file's own size, never from what its metadata claims.
+    """
+    where = str(path)
+    header = read_header(path)
+    doc = header_metadata(header, where)
+    if expected_base is not None and not fingerprints_match(expected_base, doc["base"]):
+        raise BaseModelMismatch(where, expected_base, doc["base"])
+    check_size_caps(doc, hidden_size, where)
+    if len(norms_per_layer) > MAX_LAYERS:
+        raise ArtifactError(f"{where}: {len(norms_per_layer)} layers; at most {MAX_LAYERS} are accepted")
+    try:
+        expected = expected_shapes(doc, hidden_size, norms_per_layer, pooling)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArtifactError(f"{where}: metadata describes no buildable adapter: {e}") from None
+    check_shapes(header, expected, where)
+    return doc

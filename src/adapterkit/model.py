@@ -31,6 +31,7 @@ from .artifact import (
     ArtifactError,
     BaseModelMismatch,
     base_fingerprint,
+    check_artifact_shapes,
     fingerprints_match,
     read_artifact,
     write_artifact,
@@ -565,6 +566,16 @@ class AdapterModel(nn.Module):
             from .hub import resolve_reference  # the hub is optional; imported only when used
 
             path = resolve_reference(path)
+        # From the header alone, before any tensor is read or module built: the tensors' names and
+        # shapes must be exactly those the metadata's config implies for this model (memory follows
+        # from the file's size, never from a size its metadata claims).
+        check_artifact_shapes(
+            path,
+            self.hidden_size,
+            [len(ls.norms) for ls in self.layer_sites],
+            self.sites.pooling,
+            expected_base=self.fingerprint() if check_base else None,
+        )
         artifact = read_artifact(path)
         meta = artifact.metadata
         name = name or meta["name"]

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import torch
 
-from adapterkit.artifact import FORMAT, FORMAT_VERSION, write_artifact
+from adapterkit.artifact import FORMAT, FORMAT_VERSION, expected_shapes, write_artifact
 from adapterkit.hub.registry import IndexedRegistry, LocalRegistry
 from adapterkit.hub.tokens import TokenStore
 
@@ -70,19 +70,19 @@ def metadata(
     return doc
 
 
-def tensors(seed: int = 0, hidden: int = 32, r: int = 8, layers: int = 2) -> dict[str, torch.Tensor]:
+def tensors(seed: int = 0, doc: dict[str, Any] | None = None, layers: int = 2) -> dict[str, torch.Tensor]:
+    """Random tensors with exactly the names and shapes the loader expects for ``doc`` (default:
+    ``metadata()``) on a model of the fingerprint's hidden size with ``layers`` layers."""
+    doc = doc or metadata()
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i in range(layers):
-        out[f"layers.{i}.ffn.down"] = torch.randn(hidden, r, generator=g) * 1e-2
-        out[f"layers.{i}.ffn.up"] = torch.randn(r, hidden, generator=g) * 1e-2
-    out["head.weight"] = torch.randn(2, hidden, generator=g)
-    return out
+    shapes = expected_shapes(doc, doc["base"]["hidden_size"], [0] * layers)
+    return {k: torch.randn(shape, generator=g) * 1e-2 for k, shape in shapes.items()}
 
 
 def make_artifact(path: Path, seed: int = 0, **meta: Any) -> Path:
     """Write a small, valid artifact; ``seed`` changes the bytes, ``meta`` the metadata."""
-    return write_artifact(path, tensors(seed), metadata(**meta))
+    doc = metadata(**meta)
+    return write_artifact(path, tensors(seed, doc), doc)
 
 
 def sha256(path: Path) -> str:

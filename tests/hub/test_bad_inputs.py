@@ -99,7 +99,7 @@ def _bad_fp_id() -> bytes:
 
 def _nan() -> bytes:
     t = tensors(6)
-    t["head.weight"][0, 0] = float("nan")
+    t["head.out.weight"][0, 0] = float("nan")
     return raw_safetensors(metadata(), t=t)
 
 

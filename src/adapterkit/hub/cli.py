@@ -12,18 +12,36 @@ import json
 import shutil
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..artifact import ArtifactError
 from .errors import HubError
+from .query import LIMIT_DEFAULT, SearchQuery
 from .registry import AdapterVersion, IndexedRegistry, LocalRegistry, Registry
 from .resolve import open_registry
 
 
+def printable(text: Any) -> str:
+    """``text`` safe for a terminal: control and format characters (escape sequences, carriage
+    returns, bidirectional overrides, zero-width characters) become ``?``. Everything a hub sends is
+    publisher-controlled; none of it may move the cursor, recolour or rewrite what was printed."""
+    return "".join(ch if ch == "\n" or unicodedata.category(ch) not in _HIDDEN else "?" for ch in str(text))
+
+
+# Unicode categories that draw nothing visible: controls, format characters, surrogates, unassigned,
+# line and paragraph separators.
+_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _line(text: Any) -> str:
+    return printable(text).replace("\n", " ")
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [["" if c is None else _line(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -61,7 +79,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         try:
             return func(args)
         except (HubError, ArtifactError, ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_line(e)}", file=sys.stderr)
             return 1
 
     return run
@@ -89,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         fd=args.fd,
         log_level=args.log_level,
+        public_url=args.public_url,
     )
     return 0
 
@@ -104,9 +123,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     finally:
         _close(reg)
     if args.json:
-        print(json.dumps(info.to_dict(), indent=2))
+        print(json.dumps(info.to_dict(), indent=2))  # JSON escapes control characters itself
     else:
-        print(f"published {info.ref}  ({_size(info.size)}, sha256 {info.sha256[:12]}…, base {info.base_id})")
+        print(f"published {info.ref}  ({_size(info.size)}, sha256 {info.sha256[:12]}…, base {_line(info.base_id)})")
     return 0
 
 
@@ -118,7 +137,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     finally:
         _close(reg)
     if info.yanked:
-        print(f"warning: {info.ref} is yanked{': ' + info.yank_reason if info.yank_reason else ''}", file=sys.stderr)
+        print(f"warning: {info.ref} is yanked{': ' + _line(info.yank_reason) if info.yank_reason else ''}", file=sys.stderr)
     if args.output:
         out = Path(args.output)
         if out.is_dir():
@@ -130,17 +149,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    query = SearchQuery(args.text, args.base_id, args.model_type, args.task_type, args.kind, args.model, args.limit)
     reg = _registry(args)
     try:
-        found = reg.search(
-            args.text,
-            base_id=args.base_id,
-            model_type=args.model_type,
-            task_type=args.task_type,
-            kind=args.kind,
-            name_or_path=args.model,
-            limit=args.limit,
-        )
+        found = reg.find(query)
     finally:
         _close(reg)
     if args.json:
@@ -169,7 +181,7 @@ def _describe(v: AdapterVersion) -> str:
         ("sha256", v.sha256),
         ("published", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(v.created)) + (f" by {v.publisher}" if v.publisher else "")),
     ]
-    return "\n".join(f"{k + ':':13}{val}" for k, val in lines if val)
+    return "\n".join(f"{k + ':':13}{printable(val)}" for k, val in lines if val)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -209,6 +221,26 @@ def cmd_delete(args: argparse.Namespace) -> int:
     finally:
         _close(reg)
     print(f"deleted {args.ref} (its version number stays taken)")
+    return 0
+
+
+def cmd_namespace_list(args: argparse.Namespace) -> int:
+    reg = _backends(args)
+    try:
+        rows = [(ns, owner or "(no owner: read-only through the server)") for ns, owner in reg.namespaces().items()]
+    finally:
+        reg.close()
+    print(_table(("NAMESPACE", "OWNER"), rows) if rows else "no namespaces")
+    return 0
+
+
+def cmd_namespace_set_owner(args: argparse.Namespace) -> int:
+    reg = _backends(args)
+    try:
+        reg.set_owner(args.namespace, args.owner)
+    finally:
+        reg.close()
+    print(f"namespace {args.namespace} now belongs to {args.owner}")
     return 0
 
 
@@ -303,6 +335,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--max-upload-mb", type=float, default=256.0, help="largest accepted artifact (default 256)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--public-url", help="the hub's address as users reach it, shown in the pages' snippets (default: the bound address)")
     p.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # serve on an inherited listening socket
     p.set_defaults(func=_guarded(cmd_serve))
 
@@ -330,7 +363,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-type", help="e.g. bert, gpt2, llama")
     p.add_argument("--task-type", help="e.g. classification, token_classification, lm")
     p.add_argument("--kind", help="houlsby, pfeiffer or parallel")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=int, default=LIMIT_DEFAULT)
     p.add_argument("--json", action="store_true")
     _add_registry(p)
     p.set_defaults(func=_guarded(cmd_search))
@@ -351,6 +384,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", help="namespace/name@version")
     _add_registry(p, token=True)
     p.set_defaults(func=_guarded(cmd_delete))
+
+    p = sub.add_parser("namespace", help="list namespaces and their owners; give one to an owner (administrators)")
+    nsub = p.add_subparsers(dest="namespace_command", required=True)
+    t = nsub.add_parser("list", help="namespaces and owners (ownerless ones cannot be changed through the server)")
+    _add_backends(t)
+    t.set_defaults(func=_guarded(cmd_namespace_list))
+    t = nsub.add_parser("set-owner", help="give NAMESPACE to OWNER (the name tokens are created for)")
+    t.add_argument("namespace")
+    t.add_argument("owner")
+    _add_backends(t)
+    t.set_defaults(func=_guarded(cmd_namespace_set_owner))
 
     p = sub.add_parser("token", help="manage publishing tokens of a server's registry")
     tsub = p.add_subparsers(dest="token_command", required=True)

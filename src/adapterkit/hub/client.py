@@ -21,14 +21,18 @@ import httpx
 
 from .. import __version__
 from ..artifact import ArtifactError, read_metadata
+from ..atomic_io import atomic_write_text
 from .errors import BadRequest, HubError, IntegrityError, InvalidArtifact, Unavailable, error_for_status
-from .names import LATEST, Ref, parse_ref, validate_version
+from .names import LATEST, Ref, parse_ref, validate_name, validate_version
+from .query import SearchQuery
 from .registry import AdapterVersion, Registry, default_home
 from .store import CHUNK, fsync_dir, sha256_file
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Transfers smaller than this get no progress bar.
 PROGRESS_MIN_BYTES = 8 << 20
+# A JSON answer larger than this is refused unread (a search of 1000 results is ~1-2 MB).
+JSON_ANSWER_MAX = 64 << 20
 
 
 def _progress(total: int | None, desc: str, enabled: bool) -> Any:
@@ -84,6 +88,23 @@ class RemoteRegistry(Registry):
         _raise_for_error(response)
         return response
 
+    def _json(self, response: httpx.Response) -> Any:
+        if len(response.content) > JSON_ANSWER_MAX:
+            raise HubError(f"the hub at {self.url} sent a {len(response.content)}-byte answer; refused")
+        try:
+            return response.json()
+        except ValueError:
+            raise HubError(f"the hub at {self.url} did not answer JSON (HTTP {response.status_code})") from None
+
+    def _version(self, data: Any, expect: Ref | None = None) -> AdapterVersion:
+        """An ``AdapterVersion`` from the server's JSON, every field checked (a malicious or broken hub
+        must not be able to name files outside the cache) and, when ``expect`` is given, the
+        namespace, name and exact version equal to what was asked for."""
+        try:
+            return checked_version(data, expect)
+        except (BadRequest, TypeError, ValueError) as e:
+            raise HubError(f"the hub at {self.url} answered an invalid adapter record: {e}") from None
+
     @staticmethod
     def _path(ref: Ref) -> str:
         return f"/api/adapters/{ref.namespace}/{ref.name}"
@@ -132,7 +153,10 @@ class RemoteRegistry(Registry):
         response = self._request(
             "POST", self._path(target) + "/versions", params=params, headers=headers, content=self._read_chunks(path, size)
         )
-        return AdapterVersion.from_dict(response.json())
+        info = self._version(self._json(response), target.with_version(version))
+        if info.sha256 != sha:
+            raise IntegrityError(f"the hub recorded sha256 {info.sha256[:12]}… for a file with sha256 {sha[:12]}…")
+        return info
 
     def _read_chunks(self, path: Path, size: int) -> Iterator[bytes]:
         bar = _progress(size, f"push {path.name}", self.progress)
@@ -144,42 +168,27 @@ class RemoteRegistry(Registry):
         if bar is not None:
             bar.close()
 
-    def search(
-        self,
-        text: str | None = None,
-        *,
-        base_id: str | None = None,
-        model_type: str | None = None,
-        task_type: str | None = None,
-        kind: str | None = None,
-        name_or_path: str | None = None,
-        limit: int = 100,
-    ) -> list[AdapterVersion]:
-        params = {
-            k: v
-            for k, v in {
-                "q": text, "base_id": base_id, "model_type": model_type, "task_type": task_type,
-                "kind": kind, "name_or_path": name_or_path, "limit": str(limit),
-            }.items()
-            if v
-        }
-        data = self._request("GET", "/api/adapters", params=params).json()
-        return [AdapterVersion.from_dict(d) for d in data["adapters"]]
+    def find(self, query: SearchQuery) -> list[AdapterVersion]:
+        data = self._json(self._request("GET", "/api/adapters", params=query.to_params()))
+        found = [self._version(d) for d in _list(data, "adapters")]
+        if len(found) > query.limit:
+            raise HubError(f"the hub at {self.url} answered {len(found)} results for a limit of {query.limit}")
+        return found
 
     def info(self, ref: str) -> AdapterVersion:
         target = parse_ref(ref)
-        data = self._request("GET", f"{self._path(target)}/versions/{target.version or LATEST}").json()
-        return AdapterVersion.from_dict(data)
+        data = self._json(self._request("GET", f"{self._path(target)}/versions/{target.version or LATEST}"))
+        return self._version(data, target)
 
     def versions(self, ref: str) -> list[AdapterVersion]:
         target = parse_ref(ref, allow_version=False)
-        data = self._request("GET", f"{self._path(target)}/versions").json()
-        return [AdapterVersion.from_dict(d) for d in data["versions"]]
+        data = self._json(self._request("GET", f"{self._path(target)}/versions"))
+        return [self._version(d, target) for d in _list(data, "versions")]
 
     def yank(self, ref: str, reason: str = "") -> AdapterVersion:
         target = parse_ref(ref, allow_latest=False)
-        data = self._request("POST", f"{self._path(target)}/versions/{target.version}/yank", json={"reason": reason}).json()
-        return AdapterVersion.from_dict(data)
+        response = self._request("POST", f"{self._path(target)}/versions/{target.version}/yank", json={"reason": reason})
+        return self._version(self._json(response), target)
 
     def delete(self, ref: str) -> None:
         target = parse_ref(ref, allow_latest=False)
@@ -188,13 +197,20 @@ class RemoteRegistry(Registry):
     # -- downloads ----------------------------------------------------------------------------
 
     def _blob_path(self, sha: str) -> Path:
+        if not SHA256_RE.match(sha):  # checked on arrival too; a path is never built from anything else
+            raise IntegrityError(f"not a sha256: {sha[:80]!r}")
         return self.cache_dir / "blobs" / sha[:2] / sha[2:]
 
     def _ref_file(self, ref: Ref) -> Path:
-        server = re.sub(r"[^A-Za-z0-9.-]+", "_", self.url.split("://", 1)[1])
-        return self.cache_dir / "refs" / server / ref.namespace / ref.name / str(ref.version)
+        # Every part is validated (names: [a-z0-9._-], no ".."; version: digits and dots), so the
+        # path stays under refs/; the server part is the URL with everything else replaced.
+        ref = Ref(validate_name(ref.namespace, "namespace"), validate_name(ref.name, "adapter name"), validate_version(str(ref.version), allow_latest=False))
+        server = re.sub(r"[^A-Za-z0-9-]+", "_", self.url.split("://", 1)[1])
+        return self.cache_dir / "refs" / server / ref.namespace / ref.name / ref.version
 
     def _cached(self, sha: str) -> Path | None:
+        if not SHA256_RE.match(sha):
+            return None
         path = self._blob_path(sha)
         if path.is_file() and sha256_file(path)[0] == sha:
             return path
@@ -259,10 +275,51 @@ class RemoteRegistry(Registry):
         if path.is_file():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ref-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(sha)
-        os.replace(tmp, path)
+        atomic_write_text(path, sha)
+
+
+_STR_FIELDS = ("description", "base_id", "model_type", "name_or_path", "kind", "task_type", "yank_reason", "library_version")
+
+
+def checked_version(data: Any, expect: Ref | None = None) -> AdapterVersion:
+    """Validate one adapter record from a hub's JSON (see ``RemoteRegistry._version``)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    namespace = validate_name(data.get("namespace"), "namespace")
+    name = validate_name(data.get("name"), "adapter name")
+    version = data.get("version")
+    if not isinstance(version, str):
+        raise ValueError("version is missing")
+    if validate_version(version, allow_latest=False) != version:
+        raise ValueError(f"version {version!r} is not in canonical form")
+    sha = data.get("sha256")
+    if not isinstance(sha, str) or not SHA256_RE.match(sha):
+        raise ValueError("sha256 is not 64 lowercase hex digits")
+    size = data.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError("size is not a whole number of bytes")
+    for key in _STR_FIELDS:
+        if not isinstance(data.get(key, ""), str):
+            raise ValueError(f"{key} is not a string")
+    labels = data.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ValueError("labels is not a list of strings")
+    for key in ("metrics", "base", "config"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ValueError(f"{key} is not a JSON object")
+    if expect is not None:
+        if (namespace, name) != (expect.namespace, expect.name):
+            raise ValueError(f"asked for {expect.adapter}, got {namespace}/{name}")
+        if expect.version not in (None, LATEST) and version != expect.version:
+            raise ValueError(f"asked for {expect}, got version {version}")
+    return AdapterVersion.from_dict(data)
+
+
+def _list(data: Any, key: str) -> list[Any]:
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise HubError(f"the hub's answer has no list {key!r}")
+    return items
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -272,7 +329,7 @@ def _raise_for_error(response: httpx.Response) -> None:
         message = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         message = f"HTTP {response.status_code}: {response.text[:200]}"
-    raise error_for_status(response.status_code, str(message))
+    raise error_for_status(response.status_code, str(message)[:2000])
 
 
 __all__ = ["RemoteRegistry", "HubError"]

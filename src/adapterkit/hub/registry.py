@@ -13,22 +13,49 @@ removed, rows whose blob is gone are flagged ``missing`` and hidden.
 from __future__ import annotations
 
 import abc
+import getpass
 import json
 import math
 import os
+import re
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..artifact import ArtifactError, describe_fingerprint, fingerprints_match, read_artifact
+from ..artifact import (
+    MAX_LAYERS,
+    ArtifactError,
+    Header,
+    check_shapes,
+    check_size_caps,
+    describe_fingerprint,
+    expected_shapes,
+    fingerprints_match,
+    header_metadata,
+    read_artifact,
+    read_header,
+)
 from .errors import BadRequest, Conflict, Forbidden, IntegrityError, InvalidArtifact, NotFound
 from .index import Connection, Index, Row, SqliteIndex
-from .names import LATEST, Ref, parse_ref, validate_name, validate_version, version_key
+from .names import (
+    LATEST,
+    NAME_MAX,
+    Ref,
+    canonical_version,
+    has_surrogate,
+    parse_ref,
+    validate_name,
+    validate_version,
+    version_key,
+)
+from .query import SearchQuery
 from .store import CHUNK, BlobBackend, BlobStore, Upload, sha256_file
 
 DESCRIPTION_MAX = 4000
+# The artifact's adapterkit metadata document: it is indexed and sent in every search answer.
+METADATA_MAX_BYTES = 256 << 10
 METRICS_MAX_KEYS = 64
 METRIC_KEY_MAX = 64
 METRIC_TEXT_MAX = 200
@@ -109,19 +136,31 @@ class Registry(abc.ABC):
         or a fingerprint id); the artifact's own fingerprint must match it.
         """
 
-    @abc.abstractmethod
     def search(
         self,
-        text: str | None = None,
+        text: SearchQuery | str | None = None,
         *,
         base_id: str | None = None,
         model_type: str | None = None,
         task_type: str | None = None,
         kind: str | None = None,
         name_or_path: str | None = None,
-        limit: int = 100,
+        limit: int | None = None,
     ) -> list[AdapterVersion]:
-        """The latest usable version of each matching adapter, sorted by name."""
+        """The latest usable version of each matching adapter, sorted by name.
+
+        ``text`` is a ``SearchQuery`` or the search words; the keyword filters build (or override
+        fields of) the query. Backends implement ``find``.
+        """
+        given = {
+            "base_id": base_id, "model_type": model_type, "task_type": task_type, "kind": kind,
+            "name_or_path": name_or_path, "limit": limit,
+        }
+        return self.find(SearchQuery.of(text, **{k: v for k, v in given.items() if v is not None}))
+
+    @abc.abstractmethod
+    def find(self, query: SearchQuery) -> list[AdapterVersion]:
+        """``search`` with a ``SearchQuery``: the latest usable version of each adapter matching it."""
 
     @abc.abstractmethod
     def info(self, ref: str) -> AdapterVersion:
@@ -189,12 +228,18 @@ def check_artifact(path: Path, declared_base: dict[str, Any] | str | None = None
     fingerprint to be self-consistent and to match the base the publisher declared.
     """
     try:
+        # The header first: metadata size, caps and tensor shapes, before any tensor is read.
+        header = read_header(path)
+        if not header.tensors:
+            raise InvalidArtifact(f"{label}: the artifact holds no tensors")
+        doc = header_metadata(header, label, max_bytes=METADATA_MAX_BYTES)
+        if has_surrogate(doc):  # SQLite, JSON answers and pages all need encodable text
+            raise InvalidArtifact(f"{label}: metadata holds a lone UTF-16 surrogate or is nested too deeply")
+        check_header_shapes(header, doc, label)
         art = read_artifact(path)
     except ArtifactError as e:
         raise InvalidArtifact(str(e).replace(str(path), label)) from None
     doc = art.metadata
-    if not art.tensors:
-        raise InvalidArtifact(f"{label}: the artifact holds no tensors")
     kind = doc["config"].get("kind")
     if not isinstance(kind, str) or not kind:
         raise InvalidArtifact(f"{label}: metadata 'config.kind' must be a string such as 'houlsby'")
@@ -228,6 +273,37 @@ def check_artifact(path: Path, declared_base: dict[str, Any] | str | None = None
                 f"{describe_fingerprint(fp)}, the publisher declared {declared_text}"
             )
     return doc
+
+
+_LAYER_RE = re.compile(r"^layers\.(\d{1,4})\.(?:norms\.(\d{1,4})\.)?")
+
+
+def check_header_shapes(header: Header, doc: dict[str, Any], label: str = "upload") -> None:
+    """The loader's shape check without a model: the hidden size comes from the fingerprint, the
+    layer count and norms per layer from the tensor names (a model checks those against itself when
+    it loads), the rest from the config. So a file whose metadata claims a bottleneck, or a label
+    count, that its tensors do not have is refused here, never published."""
+    fp = doc["base"]
+    hidden = fp.get("hidden_size")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
+        raise InvalidArtifact(f"{label}: base fingerprint 'hidden_size' must be a positive integer, got {hidden!r}")
+    layers = 0
+    norms: dict[int, int] = {}
+    for name in header.tensors:
+        m = _LAYER_RE.match(name)
+        if m:
+            i = int(m.group(1))
+            layers = max(layers, i + 1)
+            if m.group(2) is not None:
+                norms[i] = max(norms.get(i, 0), int(m.group(2)) + 1)
+    if layers > MAX_LAYERS:
+        raise InvalidArtifact(f"{label}: tensors for {layers} layers; at most {MAX_LAYERS} are accepted")
+    check_size_caps(doc, hidden, label)
+    try:
+        expected = expected_shapes(doc, hidden, [norms.get(i, 0) for i in range(layers)])
+    except (ValueError, TypeError, KeyError) as e:
+        raise InvalidArtifact(f"{label}: metadata describes no buildable adapter: {e}") from None
+    check_shapes(header, expected, label)
 
 
 def parse_declared_base(value: Any) -> dict[str, Any] | str | None:
@@ -410,6 +486,8 @@ class IndexedRegistry(Registry):
                 row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (ref.namespace,)).fetchone()
                 if row is not None and row["owner"] != owner:
                     raise Forbidden(_not_yours(ref.namespace, row["owner"], owner))
+                if row is None and db.execute("SELECT 1 FROM versions WHERE namespace = ? LIMIT 1", (ref.namespace,)).fetchone():
+                    raise Forbidden(_ownerless(ref.namespace))
             if ref.version is not None:
                 row = db.execute(
                     "SELECT deleted FROM versions WHERE namespace=? AND name=? AND version=?",
@@ -449,14 +527,18 @@ class IndexedRegistry(Registry):
         fp, task = doc["base"], doc["task"]
         now = time.time()
         with self._write() as db:
-            if owner is not None:
-                row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (ref.namespace,)).fetchone()
-                if row is None:  # the first publisher into a namespace owns it
-                    db.execute("INSERT INTO namespaces VALUES (?, ?, ?)", (ref.namespace, owner, now))
-                elif row["owner"] != owner:
-                    raise Forbidden(_not_yours(ref.namespace, row["owner"], owner))
-            taken = {
-                r["version"]: bool(r["deleted"])
+            row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (ref.namespace,)).fetchone()
+            if row is None:
+                used = db.execute("SELECT 1 FROM versions WHERE namespace = ? LIMIT 1", (ref.namespace,)).fetchone()
+                if used is not None and owner is not None:
+                    raise Forbidden(_ownerless(ref.namespace))
+                # The first publisher into a namespace owns it; a local publish records the local
+                # user, so that serving this folder later hands nobody else the namespace.
+                db.execute("INSERT INTO namespaces VALUES (?, ?, ?)", (ref.namespace, owner or local_owner(), now))
+            elif owner is not None and row["owner"] != owner:
+                raise Forbidden(_not_yours(ref.namespace, row["owner"], owner))
+            taken = {  # canonical spellings: a legacy "1.0" row takes "1"
+                canonical_version(r["version"]): bool(r["deleted"])
                 for r in db.execute("SELECT version, deleted FROM versions WHERE namespace=? AND name=?", (ref.namespace, ref.name))
             }
             version = ref.version
@@ -499,7 +581,7 @@ class IndexedRegistry(Registry):
                 raise NotFound(f"{ref.adapter} has no usable version (all are yanked, deleted or missing)")
             return max(usable, key=lambda r: version_key(r["version"]))
         for r in rows:
-            if r["version"] == ref.version:
+            if canonical_version(r["version"]) == ref.version:
                 if r["deleted"]:
                     raise NotFound(f"{ref} was deleted")
                 if r["missing"]:
@@ -521,23 +603,12 @@ class IndexedRegistry(Registry):
             raise NotFound(f"no adapter {target.adapter!r} in this registry")
         return sorted((_row_to_version(r) for r in rows), key=lambda v: version_key(v.version))
 
-    def search(
-        self,
-        text: str | None = None,
-        *,
-        base_id: str | None = None,
-        model_type: str | None = None,
-        task_type: str | None = None,
-        kind: str | None = None,
-        name_or_path: str | None = None,
-        limit: int = 100,
-    ) -> list[AdapterVersion]:
+    def find(self, query: SearchQuery) -> list[AdapterVersion]:
         sql = "SELECT * FROM versions WHERE deleted = 0 AND yanked = 0 AND missing = 0"
         args: list[Any] = []
-        for column, value in (("base_id", base_id), ("model_type", model_type), ("task_type", task_type), ("kind", kind)):
-            if value:
-                sql += f" AND {column} = ?"
-                args.append(value)
+        for column, value in query.filters().items():  # column names come from query.FILTERS
+            sql += f" AND {column} = ?"
+            args.append(value)
         with self._read() as db:
             rows = db.execute(sql, args).fetchall()
         latest: dict[tuple[str, str], Row] = {}
@@ -545,15 +616,8 @@ class IndexedRegistry(Registry):
             key = (r["namespace"], r["name"])
             if key not in latest or version_key(r["version"]) > version_key(latest[key]["version"]):
                 latest[key] = r
-        found = [_row_to_version(r) for _, r in sorted(latest.items())]
-        if name_or_path:
-            # A model id matches with or without its organisation ("bert-base-uncased", "google/…").
-            want = name_or_path.lower()
-            found = [v for v in found if v.name_or_path.lower() == want or v.name_or_path.lower().endswith("/" + want)]
-        if text:
-            words = text.lower().split()
-            found = [v for v in found if all(w in _search_text(v) for w in words)]
-        return found[: max(0, limit)]
+        found = [v for v in (_row_to_version(r) for _, r in sorted(latest.items())) if query.matches(v)]
+        return found[: query.limit]
 
     def blob_path(self, version: AdapterVersion) -> Path:
         """Where a version's bytes are stored (not re-hashed: for serving, the client verifies)."""
@@ -580,21 +644,27 @@ class IndexedRegistry(Registry):
         return target
 
     def _check_owner(self, db: Connection, target: Ref, owner: str | None) -> None:
+        """Forbidden unless ``owner`` may change ``target.namespace``. ``owner=None`` is local use
+        (whoever can open the folder can write it anyway) and may change anything."""
         if owner is None:
             return
         row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (target.namespace,)).fetchone()
-        if row is not None and row["owner"] != owner:
+        if row is None:
+            # Versions without an owner row: pushed by an older adapterkit, or written into the
+            # folder directly. Nobody may take them over through the server.
+            raise Forbidden(_ownerless(target.namespace))
+        if row["owner"] != owner:
             raise Forbidden(_not_yours(target.namespace, row["owner"], owner))
 
     def yank(self, ref: str, reason: str = "", *, owner: str | None = None) -> AdapterVersion:
         target = self._exact(ref)
         reason = validate_description(reason)[:500]
         with self._write() as db:
-            self._resolve(db, target)
+            row = self._resolve(db, target)
             self._check_owner(db, target, owner)
             db.execute(
                 "UPDATE versions SET yanked = 1, yank_reason = ? WHERE namespace=? AND name=? AND version=?",
-                (reason, target.namespace, target.name, target.version),
+                (reason, target.namespace, target.name, row["version"]),
             )
             return _row_to_version(self._resolve(db, target))
 
@@ -605,11 +675,31 @@ class IndexedRegistry(Registry):
             self._check_owner(db, target, owner)
             db.execute(
                 "UPDATE versions SET deleted = 1 WHERE namespace=? AND name=? AND version=?",
-                (target.namespace, target.name, target.version),
+                (target.namespace, target.name, row["version"]),
             )
             still_used = db.execute("SELECT 1 FROM versions WHERE sha256 = ? AND deleted = 0", (row["sha256"],)).fetchone()
             if still_used is None:  # content-addressed: other versions may share these bytes
                 self.blobs.remove(row["sha256"])
+
+    # -- namespaces ---------------------------------------------------------------------------
+
+    def namespaces(self) -> dict[str, str | None]:
+        """Every namespace with versions or an owner: name -> owner (None: ownerless)."""
+        with self._read() as db:
+            owners = {r["name"]: r["owner"] for r in db.execute("SELECT name, owner FROM namespaces")}
+            used = {r[0] for r in db.execute("SELECT DISTINCT namespace FROM versions")}
+        return {ns: owners.get(ns) for ns in sorted(used | set(owners))}
+
+    def set_owner(self, namespace: str, owner: str) -> None:
+        """Give ``namespace`` to ``owner`` (an administrator's act: it needs the registry folder, not
+        a token). The way to hand over an ownerless namespace, or to move one between owners."""
+        validate_name(namespace, "namespace")
+        validate_name(owner, "owner")
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO namespaces VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET owner = excluded.owner",
+                (namespace, owner, time.time()),
+            )
 
     # -- misc ---------------------------------------------------------------------------------
 
@@ -648,13 +738,30 @@ class LocalRegistry(IndexedRegistry):
         return f"LocalRegistry({str(self.root)!r})"
 
 
-def _search_text(v: AdapterVersion) -> str:
-    parts = [v.adapter, v.description, v.task_type, v.model_type, v.kind, v.base_id, v.name_or_path, " ".join(v.labels)]
-    return " ".join(parts).lower()
-
-
 def _not_yours(namespace: str, owner: str, who: str) -> str:
     return f"namespace {namespace!r} belongs to {owner!r}, not {who!r}; publish into a namespace of your own"
+
+
+def _ownerless(namespace: str) -> str:
+    return (
+        f"namespace {namespace!r} has versions but no owner (written locally or by an older adapterkit); "
+        f"the hub's administrator can assign it: adapterkit hub namespace set-owner {namespace} OWNER --root FOLDER"
+    )
+
+
+def local_owner() -> str:
+    """Who a local publish records as a new namespace's owner: ``$ADAPTERKIT_OWNER``, else the login
+    name made into a valid name (so a token created for that name manages it), else ``local``."""
+    candidates = [os.environ.get("ADAPTERKIT_OWNER", "")]
+    try:
+        candidates.append(getpass.getuser())
+    except (OSError, KeyError):  # no login name (some containers)
+        pass
+    for text in candidates:
+        name = re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower()).strip("-._")[:NAME_MAX]
+        if name and ".." not in name:
+            return name
+    return "local"
 
 
 def _exists(ref: Ref, deleted: bool) -> str:

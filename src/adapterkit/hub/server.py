@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -29,8 +30,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from .errors import BadRequest, HubError, InvalidArtifact, NotFound, TooLarge
-from .names import LATEST, NAME_RULE, Ref, validate_name, validate_version
+from .errors import BadRequest, HubError, InvalidArtifact, NotFound, TooLarge, Unauthorized
+from .guards import (
+    BodyLimit,
+    FailedAuthLimiter,
+    SafeJSONResponse,
+    SecurityHeaders,
+    client_address,
+    has_surrogate,
+    validation_detail,
+)
+from .names import LATEST, NAME_RULE, Ref, shown, validate_name, validate_version
+from .query import LIMIT_DEFAULT, LIMIT_MAX, TEXT_MAX, SearchQuery
 from .registry import (
     AdapterVersion,
     IndexedRegistry,
@@ -49,6 +60,12 @@ DRAIN_LIMIT = 64 << 20
 JSON_BODY_MAX = 64 << 10
 VALIDATION_SLOTS = 4
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# What may appear inside the page's copy-paste snippet; anything else is replaced by a placeholder.
+SNIPPET_MODEL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}$")  # a model id or relative folder
+SNIPPET_URL_RE = re.compile(r"^https?://([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]{0,200})?$")
+MODEL_PLACEHOLDER = "<base model folder or id>"
+URL_PLACEHOLDER = "http://<hub address>"
+log = logging.getLogger("adapterkit.hub")
 
 
 def _ref(namespace: str, name: str, version: str | None = None, *, allow_latest: bool = True) -> Ref:
@@ -57,6 +74,16 @@ def _ref(namespace: str, name: str, version: str | None = None, *, allow_latest:
     if version is not None:
         version = validate_version(version, allow_latest=allow_latest)
     return Ref(namespace, name, version)
+
+
+class RateLimited(HubError):
+    """Too many failed authentications from one client address (HTTP 429 with Retry-After)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def _bearer(request: Request) -> str | None:
@@ -73,9 +100,12 @@ def _json_param(what: str, text: str | None) -> Any:
     if text is None or text == "":
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"{what} is not valid JSON ({e.msg} at position {e.pos})") from None
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise BadRequest(f"{what} is not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+    if has_surrogate(doc):
+        raise BadRequest(f"{what} holds a lone UTF-16 surrogate or is nested too deeply")
+    return doc
 
 
 def _content_length(request: Request) -> int | None:
@@ -113,20 +143,36 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(doc).__name__}")
+    if has_surrogate(doc):
+        raise BadRequest("request body holds a lone UTF-16 surrogate or is nested too deeply")
     return doc
 
 
+def safe_base_url(url: str | None) -> str:
+    """``url`` when it is a plain http(s) URL of the strict form the snippet allows, else a placeholder."""
+    return url.rstrip("/") if url and SNIPPET_URL_RE.match(url.rstrip("/")) else URL_PLACEHOLDER
+
+
 def load_snippet(base_url: str, version: AdapterVersion) -> str:
-    """The copy-paste code shown on an adapter's page."""
-    model = version.name_or_path or "<base model folder or id>"
+    """The copy-paste code shown on an adapter's page.
+
+    Every value in it is a Python literal made by ``repr()`` from text that first matched a strict
+    character set (a model id or folder, a plain URL, a validated reference); anything else becomes
+    a placeholder. So nothing a publisher writes into an artifact, and nothing a client puts in a
+    request header, can turn into code that runs when the snippet is pasted.
+    """
+    model = version.name_or_path
+    if not model or not SNIPPET_MODEL_RE.match(model) or ".." in model.split("/"):
+        model = MODEL_PLACEHOLDER
+    ref = "hub:" + str(Ref(validate_name(version.namespace), validate_name(version.name), validate_version(version.version, allow_latest=False)))
     return (
-        f"# pip install 'adapterkit[hub]'\n"
-        f"import os\n"
-        f"os.environ['ADAPTERKIT_REGISTRY'] = '{base_url}'\n"
-        f"from transformers import AutoModel\n"
-        f"from adapterkit import AdapterModel\n\n"
-        f"model = AdapterModel(AutoModel.from_pretrained('{model}'))\n"
-        f"model.load_adapter('hub:{version.ref}')  # downloaded and sha256-verified\n"
+        "# pip install 'adapterkit[hub]'\n"
+        "import os\n"
+        f"os.environ['ADAPTERKIT_REGISTRY'] = {safe_base_url(base_url)!r}\n"
+        "from transformers import AutoModel\n"
+        "from adapterkit import AdapterModel\n\n"
+        f"model = AdapterModel(AutoModel.from_pretrained({model!r}))\n"
+        f"model.load_adapter({ref!r})  # downloaded and sha256-verified\n"
     )
 
 
@@ -139,15 +185,45 @@ def _human_size(n: int) -> str:
     return f"{n} B"
 
 
-def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
+def search_query(
+    q: str | None = Query(None, max_length=TEXT_MAX, description="words to find in names, descriptions, labels, base models"),
+    base_id: str | None = Query(None, max_length=TEXT_MAX, description="base model fingerprint id"),
+    model_type: str | None = Query(None, max_length=TEXT_MAX, description="e.g. bert, gpt2, llama"),
+    task_type: str | None = Query(None, max_length=TEXT_MAX, description="e.g. classification"),
+    kind: str | None = Query(None, max_length=TEXT_MAX, description="houlsby, pfeiffer or parallel"),
+    name_or_path: str | None = Query(None, max_length=TEXT_MAX, description="base model id, with or without organisation"),
+    limit: int = Query(LIMIT_DEFAULT, ge=1, le=LIMIT_MAX),
+) -> SearchQuery:
+    """The search endpoint's query string, as the one ``SearchQuery`` type."""
+    return SearchQuery(q, base_id, model_type, task_type, kind, name_or_path, limit)
+
+
+def create_app(
+    root: str | os.PathLike | IndexedRegistry,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    *,
+    public_url: str | None = None,
+    body_limit: int = JSON_BODY_MAX,
+    auth_limiter: FailedAuthLimiter | None = None,
+) -> FastAPI:
     """The ASGI app serving the registry at ``root`` (created if missing, reconciled on start), or
-    ``root`` itself when it is a registry (PostgreSQL + S3: ``backends.open_backends``)."""
+    ``root`` itself when it is a registry (PostgreSQL + S3: ``backends.open_backends``).
+
+    ``public_url``: the address shown in the pages' snippets (default: the address the server's
+    socket is bound to; never the request's Host header). ``body_limit``: the most bytes any request
+    body but an upload may have. ``auth_limiter``: failed-token rate limit (default: 10 per minute
+    per client address).
+    """
+    if public_url is not None and safe_base_url(public_url) == URL_PLACEHOLDER:
+        raise ValueError(f"public URL {public_url!r} must be a plain http(s)://host[:port][/path] URL")
     registry = root if isinstance(root, IndexedRegistry) else LocalRegistry(root)
     tokens = TokenStore(registry)
+    limiter = auth_limiter or FailedAuthLimiter()
     app = FastAPI(
         title="adapterkit hub",
         version=__version__,
         description="Publish, find, version and download adapterkit adapters. Reads are anonymous; writes need a token.",
+        default_response_class=SafeJSONResponse,
     )
     app.state.registry = registry
     app.state.tokens = tokens
@@ -159,33 +235,52 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
     templates.env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
+    def is_upload(method: str, path: str) -> bool:  # the publish endpoint streams under its own limit
+        return method == "POST" and path.startswith("/api/adapters/") and path.endswith("/versions")
+
+    app.add_middleware(BodyLimit, limit=body_limit, exempt=is_upload)
+    app.add_middleware(SecurityHeaders)
+
+    def owner_of(request: Request) -> str:
+        """The token's owner; 429 for a client with too many recent failures, 401 for a bad token."""
+        client = client_address(request)
+        wait = limiter.blocked(client)
+        if wait:
+            raise RateLimited(f"too many failed token checks from this address; try again in {wait:.0f} s", wait)
+        try:
+            token = _bearer(request)
+            return tokens.owner_of(token)
+        except (Unauthorized, BadRequest):
+            if request.headers.get("authorization"):  # a wrong guess; a missing token is no guess
+                limiter.failed(client)
+            raise
+
     # -- errors: always JSON {"error": ...} ------------------------------------------------------
 
     @app.exception_handler(HubError)
     async def _hub_error(request: Request, exc: HubError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        headers = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))} if isinstance(exc, RateLimited) else None
+        return SafeJSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            message = f"no such endpoint: {request.method} {request.url.path}"
+            message = f"no such endpoint: {request.method} {shown(request.url.path)}"
         elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
+            message = f"method {request.method} is not allowed on {shown(request.url.path)}"
         else:
-            message = str(exc.detail)
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+            message = str(exc.detail)[:500]
+        return SafeJSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        # The details (paths, internals) go to the server's log, never to the client.
+        log.exception("internal error on %s %s", request.method, request.url.path[:200])
+        return SafeJSONResponse({"error": f"internal error ({type(exc).__name__}); the server's log has the details"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "path", "body", "header"))
-            parts.append(f"{where}: {err.get('msg')}")
-        return JSONResponse({"error": "bad request: " + "; ".join(parts)}, status_code=400)
+        return SafeJSONResponse({"error": "bad request: " + validation_detail(exc.errors())}, status_code=400)
 
     # -- JSON API --------------------------------------------------------------------------------
 
@@ -194,19 +289,8 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
         return {"status": "ok", "version": __version__, **registry.stats()}
 
     @app.get("/api/adapters")
-    def search(
-        q: str | None = None,
-        base_id: str | None = None,
-        model_type: str | None = None,
-        task_type: str | None = None,
-        kind: str | None = None,
-        name_or_path: str | None = None,
-        limit: int = Query(100, ge=1, le=1000),
-    ) -> dict[str, Any]:
-        found = registry.search(
-            q, base_id=base_id, model_type=model_type, task_type=task_type, kind=kind, name_or_path=name_or_path, limit=limit
-        )
-        return {"adapters": [v.to_dict() for v in found]}
+    def search(query: Annotated[SearchQuery, Depends(search_query)]) -> dict[str, Any]:
+        return {"adapters": [v.to_dict() for v in registry.find(query)]}
 
     @app.get("/api/adapters/{namespace}/{name}")
     def adapter(namespace: str, name: str) -> dict[str, Any]:
@@ -227,7 +311,7 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
     def version_info(namespace: str, name: str, version: str) -> dict[str, Any]:
         return registry.info(str(_ref(namespace, name, version))).to_dict()
 
-    @app.get("/api/adapters/{namespace}/{name}/versions/{version}/file")
+    @app.api_route("/api/adapters/{namespace}/{name}/versions/{version}/file", methods=["GET", "HEAD"])
     def download(namespace: str, name: str, version: str, request: Request) -> Response:
         info = registry.info(str(_ref(namespace, name, version)))
         path = registry.blob_path(info)
@@ -266,7 +350,7 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
         try:
             declared = _content_length(request)
             ref = _ref(namespace, name, version, allow_latest=False)
-            owner = tokens.owner_of(_bearer(request))
+            owner = owner_of(request)
             metrics_doc = validate_metrics(_json_param("metrics", metrics))
             description = validate_description(description)
             declared_base = parse_declared_base(_json_param("base", base) if base and base.lstrip().startswith("{") else base)
@@ -317,7 +401,7 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
     @app.post("/api/adapters/{namespace}/{name}/versions/{version}/yank")
     async def yank(namespace: str, name: str, version: str, request: Request) -> dict[str, Any]:
         ref = _ref(namespace, name, version, allow_latest=False)
-        owner = tokens.owner_of(_bearer(request))
+        owner = owner_of(request)
         doc = await _json_body(request)
         reason = doc.get("reason", "")
         if not isinstance(reason, str):
@@ -328,7 +412,7 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
     @app.delete("/api/adapters/{namespace}/{name}/versions/{version}")
     def delete(namespace: str, name: str, version: str, request: Request) -> dict[str, Any]:
         ref = _ref(namespace, name, version, allow_latest=False)
-        owner = tokens.owner_of(_bearer(request))
+        owner = owner_of(request)
         registry.delete(str(ref), owner=owner)
         return {"deleted": str(ref)}
 
@@ -337,16 +421,32 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
         """Paths the routes above did not match: say which part of the name is wrong."""
         await _drain(request, limit=1 << 20)
         if rest.startswith("/"):
-            raise BadRequest(f"{rest!r} looks like an absolute path; adapters are named 'namespace/name' ({NAME_RULE})")
+            raise BadRequest(f"{shown(rest)} looks like an absolute path; adapters are named 'namespace/name' ({NAME_RULE})")
         parts = rest.split("/")
         validate_name(parts[0], "namespace")
         if len(parts) > 1:
             validate_name(parts[1], "adapter name")
         if len(parts) > 3 and parts[2] == "versions":
             validate_version(parts[3])
-        raise NotFound(f"no such endpoint: {request.method} /api/adapters/{rest}")
+        raise NotFound(f"no such endpoint: {request.method} /api/adapters/{shown(rest)}")
 
     # -- web pages -------------------------------------------------------------------------------
+
+    def page_results(q: str, model_type: str, task_type: str, kind: str, base_id: str) -> list[AdapterVersion]:
+        try:
+            query = SearchQuery(q or None, base_id or None, model_type or None, task_type or None, kind or None)
+        except BadRequest:  # a page never fails on a silly query: it finds nothing
+            return []
+        return registry.find(query)
+
+    def page_base_url(request: Request) -> str:
+        if public_url is not None:
+            return public_url.rstrip("/")
+        server = request.scope.get("server")  # the bound socket's address, not the Host header
+        if not server or server[1] is None:
+            return URL_PLACEHOLDER
+        host = f"[{server[0]}]" if ":" in str(server[0]) else str(server[0])
+        return safe_base_url(f"http://{host}:{server[1]}")
 
     @app.get("/", include_in_schema=False)
     def index(
@@ -357,11 +457,9 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
         kind: str = "",
         base_id: str = "",
     ) -> Response:
-        found = registry.search(
-            q or None, model_type=model_type or None, task_type=task_type or None, kind=kind or None, base_id=base_id or None
-        )
+        found = page_results(q, model_type, task_type, kind, base_id)
         context = {
-            "q": q, "model_type": model_type, "task_type": task_type, "kind": kind, "base_id": base_id,
+            "q": q[:TEXT_MAX], "model_type": model_type, "task_type": task_type, "kind": kind, "base_id": base_id[:TEXT_MAX],
             "adapters": found, "facets": registry.facets(), "stats": registry.stats(), "version": __version__,
         }
         return templates.TemplateResponse(request, "index.html", context)
@@ -374,7 +472,7 @@ def create_app(root: str | os.PathLike | IndexedRegistry, max_upload_bytes: int 
             latest = registry.info(str(ref))
         except NotFound:
             latest = versions[-1]
-        base_url = str(request.base_url).rstrip("/")
+        base_url = page_base_url(request)
         context = {
             "ref": ref, "latest": latest, "versions": list(reversed(versions)),
             "snippet": load_snippet(base_url, latest), "base_url": base_url, "version": __version__,
@@ -392,12 +490,13 @@ def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     fd: int | None = None,
     log_level: str = "info",
+    public_url: str | None = None,
 ) -> None:
     """Run the server until interrupted. ``fd``: serve on an already bound, listening socket (lets a
     supervisor or a test pick a free port without a race)."""
     import uvicorn
 
-    app = create_app(root, max_upload_bytes)
+    app = create_app(root, max_upload_bytes, public_url=public_url)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
     server = uvicorn.Server(config)
     if fd is not None:
