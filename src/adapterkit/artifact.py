@@ -373,9 +373,9 @@ def expected_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of the adapter that ``doc`` describes, for a model with this hidden size
     and these layer norms: the real modules, built on the ``meta`` device (no memory for weights)."""
-    from .bank import TaskAdapter  # the modules define the names and shapes; never restate them here
     from .config import AdapterConfig
     from .heads import HEAD_TYPES, build_head
+    from .task_adapter import TaskAdapter  # the modules define the names and shapes; never restate them
 
     task = doc["task"]
     config = AdapterConfig.from_dict(doc["config"])
