@@ -10,7 +10,7 @@ from torch import nn
 
 HEAD_TYPES = ("classification", "pair_classification", "token_classification")
 # Task types without a head of their own: the base model's outputs are the task's outputs.
-HEADLESS_TYPES = ("lm", "none")
+HEADLESS_TYPES = ("lm", "none", "causal_lm")  # causal_lm: an LM adapter trained on prompt/response pairs
 
 
 def _init_linear(linear: nn.Linear, std: float = 0.02) -> None:

@@ -35,7 +35,7 @@ from .decode import DecodeEngine, DecodeLoop, DecodeRequest, GenerationStream, S
 from .runner import LM_TASKS, InputTooLong
 
 BASE_NAMES = ("base",)
-GENERATION_TASKS = (*LM_TASKS, "causal_lm")
+GENERATION_TASKS = LM_TASKS
 
 
 class _Options(BaseModel):

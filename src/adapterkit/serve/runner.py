@@ -20,7 +20,7 @@ from .cache import LoadedAdapter
 
 SEQUENCE_TASKS = ("classification", "pair_classification")
 TOKEN_TASKS = ("token_classification",)
-LM_TASKS = ("lm", "none")
+LM_TASKS = ("lm", "none", "causal_lm")
 
 
 def split_by_length(lengths: Sequence[int], overhead: int, max_tokens: int) -> list[tuple[int, int]]:

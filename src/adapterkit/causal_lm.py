@@ -1,0 +1,212 @@
+"""Causal-LM tasks: an adapter that teaches a decoder to answer prompts.
+
+An example is a prompt and its response — two text columns (``prompt``, ``response``) of a CSV / JSON
+Lines file, or a chat (``messages``: a list of ``{"role", "content"}``, the last one the assistant's
+answer) rendered with the tokenizer's chat template. The loss covers the response tokens only (and
+the end-of-sequence token after them, so that the model learns to stop): prompt tokens get label
+-100.
+
+Evaluation: when the responses are short answers (labels), by exact match of the generated answer
+(greedy); always by perplexity on the response tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import DataError, Example, TaskData, _read_delimited, _read_jsonl, _text
+
+TASK_TYPE = "causal_lm"
+ROLES = ("system", "user", "assistant")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def load_lm_task(
+    source: str | Path,
+    *,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    messages_column: str = "messages",
+    encoding: str = "utf-8",
+) -> TaskData:
+    """Read prompt/response examples (or chats) from a ``.csv`` / ``.tsv`` / ``.jsonl`` file.
+
+    A row with ``messages_column`` is a chat: a JSON list (or, in a CSV cell, a JSON string) of
+    ``{"role": "system"|"user"|"assistant", "content": str}`` ending with the assistant's answer. Every
+    other row needs ``prompt_column`` and ``response_column``. Returns ``TaskData("causal_lm", [], ...)``
+    whose examples hold the prompt (a string, or the chat's messages before the answer) in ``text`` and
+    the response in ``text_pair``.
+    """
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (causal_lm data is a .csv, .tsv or .jsonl file)")
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        rows = _read_jsonl(path, encoding)
+    elif suffix in (".csv", ".tsv"):
+        rows = _read_delimited(path, encoding, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; expected .csv, .tsv or .jsonl")
+    examples = []
+    for where, row in rows:
+        if messages_column in row and row[messages_column] not in (None, ""):
+            prompt, response = _split_chat(row[messages_column], where, messages_column)
+        else:
+            for col in (prompt_column, response_column):
+                if col not in row:
+                    have = ", ".join(str(c) for c in row) or "none"
+                    raise DataError(f"{where}: missing column {col!r} (columns: {have}; or give {messages_column!r})")
+            prompt = _text(row[prompt_column], where, prompt_column)
+            response = _text(row[response_column], where, response_column)
+        examples.append(Example(prompt, 0, response, where))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return TaskData(TASK_TYPE, [], examples, str(path))
+
+
+def _split_chat(value: Any, where: str, column: str) -> tuple[list[dict[str, str]], str]:
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: column {column!r} is not a JSON list of messages: {e}") from None
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: column {column!r} must be a non-empty list of messages")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': a string}}; got {m!r}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's answer (got role {messages[-1]['role']!r})")
+    if len(messages) < 2:
+        raise DataError(f"{where}: a chat needs at least one message before the assistant's answer")
+    return messages[:-1], messages[-1]["content"]
+
+
+# -- tokenising ------------------------------------------------------------------------------------
+
+
+def prompt_text(prompt: str | list[dict[str, str]], tokenizer: Any) -> tuple[str, bool]:
+    """The prompt as the model sees it, and whether it is a rendered chat (which carries its own
+    special tokens: tokenise it with ``add_special_tokens=False``)."""
+    if isinstance(prompt, str):
+        return prompt, False
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("chat examples need a tokenizer with a chat template; this one has none")
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), True
+
+
+def encode_lm_example(example: Example, tokenizer: Any, max_length: int = 256) -> dict[str, list[int]]:
+    """input_ids = prompt + response + EOS; labels = -100 on the prompt, the ids on the rest.
+
+    Over ``max_length`` the prompt loses its beginning first (the answer depends on its end), then the
+    response its end; at least one response token is kept.
+    """
+    text, chat = prompt_text(example.text, tokenizer)
+    prompt = list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+    response = list(tokenizer(example.text_pair or "", add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        response.append(tokenizer.eos_token_id)
+    if not response:
+        raise DataError(f"{example.where}: empty response and no end-of-sequence token to learn")
+    room = max_length - len(response)
+    if room < 1:  # the response alone fills the window: keep one prompt token and the response's start
+        prompt, response = prompt[-1:], response[: max_length - 1]
+    elif len(prompt) > room:
+        prompt = prompt[-room:]
+    ids = prompt + response
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt) + response}
+
+
+# -- evaluating ------------------------------------------------------------------------------------
+
+
+def normalise_answer(text: str) -> str:
+    """An answer for exact match: its first line, trimmed, case-folded, without surrounding
+    punctuation or quotes."""
+    line = text.strip().split("\n", 1)[0] if text.strip() else ""
+    return re.sub(r"^[\W_]+|[\W_]+$", "", line.strip()).casefold()
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str | list[dict[str, str]]],
+    *,
+    adapter: str | None,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy answers to ``prompts`` with ``adapter`` (None: the base alone), batched and left-padded."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = []
+    for p in prompts:
+        text, chat = prompt_text(p, tokenizer)
+        encoded.append(list(tokenizer(text, add_special_tokens=not chat)["input_ids"]))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pad little
+    answers: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(rows):
+                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), adapter_names=[adapter] * len(rows),
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            )
+            for r, i in enumerate(rows):
+                answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of predictions whose normalised answer equals the reference's."""
+    if not references:
+        return float("nan")
+    hits = sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references, strict=True))
+    return hits / len(references)
+
+
+@torch.no_grad()
+def response_nll(model: Any, batch: dict[str, torch.Tensor], adapter: str | None) -> tuple[float, int]:
+    """Summed negative log-likelihood of the labelled (response) tokens of one batch, and their count."""
+    labels = batch["labels"]
+    names = [adapter] * labels.shape[0]  # per row: all None means the base alone, not the active adapter
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names)
+    logits = out.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    target = labels[:, 1:].to(logits.device)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+    return float(nll), int((target != -100).sum())
+
+
+def perplexity(total_nll: float, tokens: int) -> float:
+    return math.exp(total_nll / tokens) if tokens else float("nan")
+
+
+def looks_labelled(data: TaskData, max_words: int = 4, min_share: float = 0.9) -> bool:
+    """Whether the responses are short answers (labels), so that exact match means something."""
+    responses = [e.text_pair or "" for e in data.examples]
+    short = sum(1 for r in responses if 0 < len(r.split()) <= max_words)
+    return bool(responses) and short / len(responses) >= min_share

@@ -1,0 +1,176 @@
+"""causal_lm tasks: prompt/response files and chats, loss on the response only, exact match and
+perplexity; an adapter trained on a tiny llama learns answers the base model does not give."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapterkit as ak
+from adapterkit.causal_lm import (
+    encode_lm_example,
+    exact_match,
+    generate_answers,
+    load_lm_task,
+    looks_labelled,
+    normalise_answer,
+    perplexity,
+    response_nll,
+)
+from adapterkit.data import DataError, Example, collate
+
+ANIMALS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "owl": "hoot", "sheep": "baa"}
+WORDS = ["what", "does", "the", "a", "say", "sound", "of", "tell", "me", "please", "<user>", "<assistant>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny random llama and a word-level tokenizer (with EOS and a chat template), as a folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    vocab = ["<pad>", "<unk>", "<eos>", "<system>"] + sorted(set(WORDS) | set(ANIMALS) | set(ANIMALS.values()))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    config = AutoConfig.for_model(
+        "llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, vocab_size=len(vocab), max_position_embeddings=64, pad_token_id=0, eos_token_id=2,
+        bos_token_id=None,
+        # The final RMSNorm fixes the scale of what reaches the LM head, so the head's own scale caps the
+        # logits: at the default 0.02 a 32-wide model can never be confident (loss floor ~ln(vocab)).
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder, AutoTokenizer.from_pretrained(folder)
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        animal = rng.choice(sorted(ANIMALS))
+        # the animal last: its own position holds what the answer needs (a tiny random model's frozen
+        # attention need not carry it there from further back)
+        lead = rng.choice(["what does the", "tell me the sound of the", "what does a", "sound of a"])
+        out.append({"prompt": f"{lead} {animal}", "response": ANIMALS[animal]})
+    return out
+
+
+def test_reading_prompt_response_and_chats(tmp_path):
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text(
+        json.dumps({"prompt": "what does the dog say", "response": "woof"}) + "\n"
+        + json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": "what does the cat say"},
+                                   {"role": "assistant", "content": "meow"}]}) + "\n",
+        encoding="utf-8",
+    )
+    data = load_lm_task(jsonl)
+    assert data.task_type == "causal_lm" and len(data) == 2
+    assert data.examples[0].text == "what does the dog say" and data.examples[0].text_pair == "woof"
+    assert data.examples[1].text == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what does the cat say"}]
+    assert data.examples[1].text_pair == "meow"
+    csv = tmp_path / "train.csv"
+    csv.write_text("question,answer\nwhat does the cow say,moo\n", encoding="utf-8")
+    data = load_lm_task(csv, prompt_column="question", response_column="answer")
+    assert (data.examples[0].text, data.examples[0].text_pair) == ("what does the cow say", "moo")
+    assert looks_labelled(data)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"prompt": "x"}, "missing column 'response'"),
+        ({"prompt": "x", "response": "  "}, "empty text in column .response."),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "last message must be the assistant"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "at least one message before"),
+        ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "message 0"),
+        ({"messages": "not json"}, "not a JSON list"),
+    ],
+)
+def test_bad_rows_name_their_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps(line) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=message) as e:
+        load_lm_task(path)
+    assert "bad.jsonl:2" in str(e.value)
+
+
+def test_loss_covers_the_response_and_eos_only(tiny_lm):
+    _, tok = tiny_lm
+    item = encode_lm_example(Example("what does the dog say", 0, "woof"), tok, max_length=32)
+    prompt = tok("what does the dog say")["input_ids"]
+    assert item["input_ids"] == prompt + [tok.convert_tokens_to_ids("woof"), tok.eos_token_id]
+    assert item["labels"] == [-100] * len(prompt) + [tok.convert_tokens_to_ids("woof"), tok.eos_token_id]
+    chat = encode_lm_example(Example([{"role": "user", "content": "what does the cat say"}], 0, "meow"), tok, 32)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "what does the cat say"}],
+                                       add_generation_prompt=True, tokenize=False)
+    n = len(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert chat["labels"][:n] == [-100] * n and chat["labels"][n:] == [tok.convert_tokens_to_ids("meow"), tok.eos_token_id]
+    # Too long: the prompt loses its beginning, the answer stays whole.
+    short = encode_lm_example(Example("what does the dog say", 0, "woof"), tok, max_length=4)
+    assert short["input_ids"] == prompt[-2:] + [tok.convert_tokens_to_ids("woof"), tok.eos_token_id]
+
+
+def test_normalised_exact_match():
+    assert normalise_answer("  Spam.\nmore text") == "spam"
+    assert normalise_answer('"Location"') == "location"
+    assert exact_match(["Ham", "spam!", "no"], ["ham", "spam", "spam"]) == pytest.approx(2 / 3)
+
+
+def test_training_an_adapter_teaches_the_answers(tiny_lm):
+    """Loss on the answers only: after training, the adapter answers held-out prompts exactly; the base
+    does not, and the answers' perplexity drops. The base model's weights do not change."""
+    from transformers import AutoModelForCausalLM
+
+    folder, tok = tiny_lm
+    model = ak.AdapterModel(AutoModelForCausalLM.from_pretrained(folder)).eval()
+    before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    model.add_adapter("animals", ak.AdapterConfig("houlsby", bottleneck_size=16), head="causal_lm")
+    report = model.train_adapter("animals")
+    assert 0 < report.trainable < report.base_total
+    train = [encode_lm_example(Example(r["prompt"], 0, r["response"]), tok, 32) for r in rows(96, seed=1)]
+    test_rows = rows(24, seed=2)
+    test = [encode_lm_example(Example(r["prompt"], 0, r["response"]), tok, 32) for r in test_rows]
+    refs = [r["response"] for r in test_rows]
+
+    def answer_ppl(adapter):
+        return perplexity(*response_nll(model, collate(test, tok.pad_token_id), adapter))
+
+    base_em = exact_match(generate_answers(model, tok, [r["prompt"] for r in test_rows], adapter=None, max_new_tokens=2), refs)
+    base_ppl = answer_ppl(None)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    model.train()
+    for _epoch in range(12):
+        for start in range(0, len(train), 16):
+            loss = model(**collate(train[start:start + 16], tok.pad_token_id), adapter_names="animals").loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    answers = generate_answers(model, tok, [r["prompt"] for r in test_rows], adapter="animals", max_new_tokens=2)
+    assert exact_match(answers, refs) == 1.0 and base_em < 0.5
+    assert answer_ppl("animals") < 1.5 < base_ppl
+    assert all(torch.equal(before[k], v) for k, v in model.base.state_dict().items())
+    # The artifact keeps its task type; the served model reloads it and answers the same.
+    path = folder.parent / "animals.safetensors"
+    model.save_adapter("animals", path)
+    assert ak.read_metadata(path)["task"]["type"] == "causal_lm"
+    fresh = ak.AdapterModel(AutoModelForCausalLM.from_pretrained(folder)).eval()
+    fresh.load_adapter(path)
+    assert generate_answers(fresh, tok, [r["prompt"] for r in test_rows], adapter="animals", max_new_tokens=2) == answers
