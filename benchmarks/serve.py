@@ -9,6 +9,16 @@ p50 / p99 latency for each.
 
 Keys: ``serve_<n>_rps``, ``serve_<n>_p50_ms``, ``serve_<n>_p99_ms`` and the same with ``_nomix`` for
 n in 1, 8, 64. Targets: serve_64_rps >= 0.8 x serve_1_rps and >= 2 x serve_64_nomix_rps.
+
+    python benchmarks/serve.py --ray --replicas 2 --quick --json out/serve_ray.json
+
+With ``--ray`` the comparison is the single process (cross-task batching) against ``adapterkit serve
+--ray --replicas N`` (a local Ray cluster; adapters load on demand, so the multiplexing hit rate shows
+how well requests follow their adapter). Besides rps and p50/p99 per adapter count it reports Ray's
+proxy overhead: the p50 of one request at a time (no batching, no queueing) through Ray minus the same
+through the single process. Ray's internal services listen on every interface: run it inside a
+private network namespace (``unshare -n sh -c 'ip link set lo up; python benchmarks/serve.py --ray'``).
+Keys: ``ray_<n>_rps`` ... ``ray_<n>_hit_rate``, ``single_<n>_rps`` ..., ``ray_overhead_ms``.
 """
 
 from __future__ import annotations
@@ -68,7 +78,9 @@ def make_texts(n: int, rng: random.Random) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))) for _ in range(n)]
 
 
-def start_server(base: Path, folder: Path, names: list[str], args: argparse.Namespace, cross_task: bool):
+def start_server(
+    base: Path, folder: Path, names: list[str], args: argparse.Namespace, cross_task: bool, ray: bool = False
+):
     cmd = [
         sys.executable, "-m", "adapterkit.cli", "serve",
         "--base", str(base), "--registry", str(folder), "--adapters", ",".join(names),
@@ -80,11 +92,15 @@ def start_server(base: Path, folder: Path, names: list[str], args: argparse.Name
         cmd += ["--threads", str(args.threads)]
     if not cross_task:
         cmd.append("--no-cross-task")
+    if ray:  # adapters load on demand, where multiplexing sends them
+        cmd = [c for c in cmd if c != ",".join(names)]
+        cmd.remove("--adapters")
+        cmd += ["--ray", "--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + (600 if ray else 180)
     seen: list[str] = []
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -224,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads in the server (default 1: on a small machine the HTTP side and this load "
         "generator need a core of their own)",
     )
+    parser.add_argument("--ray", action="store_true", help="compare the single process with adapterkit serve --ray")
+    parser.add_argument("--replicas", type=int, default=2, help="Ray Serve model replicas (with --ray)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (with --ray)")
     args = parser.parse_args(argv)
+    if args.ray:
+        return ray_main(args)
     total = args.requests or (300 if args.quick else 1000)
     rounds = args.rounds or (2 if args.quick else 3)
     seconds = args.seconds or (15.0 if args.quick else 60.0)
@@ -305,6 +326,115 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     print(f"serve_64_rps / serve_1_rps = {results['serve_64_vs_1']} (target >= 0.8); "
           f"serve_64_rps / serve_64_nomix_rps = {results['serve_64_vs_nomix']} (target >= 2)")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def counters(url: str, name: str) -> dict[str, float]:
+    """Every sample of one counter in a server's /metrics, by its label text."""
+    import httpx
+
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name):
+            key, _, value = line.rpartition(" ")
+            out[key[len(name):]] = float(value)
+    return out
+
+
+async def one_at_a_time(url: str, adapters: list[str], texts: list[str], count: int) -> list[float]:
+    """Latencies (ms) of ``count`` requests sent one after another: no batching, no queueing."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = Connection(host, int(port))
+    out = []
+    try:
+        for i in range(count):
+            t0 = time.perf_counter()
+            status, _ = await conn.post("/v1/classify", {"adapter": adapters[i % len(adapters)], "text": texts[i % len(texts)]})
+            if status == 200:
+                out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        conn.close()
+    return out
+
+
+def ray_main(args: argparse.Namespace) -> int:
+    """Single process against Ray Serve with ``args.replicas`` replicas, rounds interleaved."""
+    total = args.requests or (200 if args.quick else 1000)
+    rounds = args.rounds or (2 if args.quick else 3)
+    seconds = args.seconds or (15.0 if args.quick else 60.0)
+    base = minilm_dir()
+    texts = make_texts(500, random.Random(0))
+    began = time.perf_counter()
+    rps: dict[str, list[float]] = {}
+    latencies: dict[str, list[float]] = {}
+    hit_rates: dict[int, list[float]] = {}
+    solo: dict[str, list[float]] = {"single": [], "ray": []}
+    with tempfile.TemporaryDirectory(prefix="adapterkit-bench-") as tmp:
+        folder = Path(tmp)
+        names = make_adapters(base, folder, max(ADAPTER_COUNTS))
+        print(f"{len(names)} adapters; {args.clients} clients; {rounds} rounds of {total} requests (or {seconds:.0f} s) "
+              f"per row; Ray: {args.replicas} replicas x {args.replica_cpus} CPU; torch threads={args.threads}")  # fmt: skip
+        servers: dict[str, tuple[subprocess.Popen, str]] = {}
+        try:  # started inside the try: a failed start still stops the other server
+            servers["single"] = start_server(base, folder, names, args, cross_task=True)
+            servers["ray"] = start_server(base, folder, names, args, cross_task=True, ray=True)
+            for _, url in servers.values():  # warm up: every adapter loaded somewhere
+                asyncio.run(load(url, names, texts, args.clients, 4 * len(names), seconds * 4, seed=1))
+            for r in range(rounds):
+                for mode, (_, url) in servers.items():
+                    solo[mode].extend(asyncio.run(one_at_a_time(url, names[:8], texts, 40)))
+                for n in ADAPTER_COUNTS:
+                    for mode, (_, url) in servers.items():
+                        key = f"{mode}_{n}"
+                        before = counters(url, "adapterkit_ray_multiplex_total") if mode == "ray" else {}
+                        done, elapsed, lat, errors = asyncio.run(
+                            load(url, names[:n], texts, args.clients, total, seconds, seed=100 * r + n)
+                        )
+                        if errors:
+                            print(f"warning: {mode}: {errors} requests failed", file=sys.stderr)
+                        rps.setdefault(key, []).append(done / elapsed)
+                        latencies.setdefault(key, []).extend(lat)
+                        if mode == "ray":
+                            after = counters(url, "adapterkit_ray_multiplex_total")
+                            hit = after.get('{result="hit"}', 0) - before.get('{result="hit"}', 0)
+                            miss = after.get('{result="miss"}', 0) - before.get('{result="miss"}', 0)
+                            hit_rates.setdefault(n, []).append(hit / max(1.0, hit + miss))
+        finally:
+            for proc, _ in servers.values():
+                proc.send_signal(signal.SIGTERM)
+            for proc, _ in servers.values():
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    results: dict[str, float | int] = {}
+    print(f"{'mode':<7} {'adapters':>8} {'req/s':>8} {'spread':>8} {'p50 ms':>8} {'p99 ms':>8} {'hit rate':>8}")
+    for mode in ("single", "ray"):
+        for n in ADAPTER_COUNTS:
+            key = f"{mode}_{n}"
+            median_rps = statistics.median(rps[key])
+            spread = max(rps[key]) - min(rps[key])
+            p50, p99 = percentile(latencies[key], 50), percentile(latencies[key], 99)
+            results.update({f"{key}_rps": round(median_rps, 2), f"{key}_p50_ms": round(p50, 2), f"{key}_p99_ms": round(p99, 2)})
+            hit = ""
+            if mode == "ray":
+                results[f"{key}_hit_rate"] = round(statistics.median(hit_rates[n]), 3)
+                hit = f"{results[f'{key}_hit_rate']:.3f}"
+            print(f"{mode:<7} {n:>8} {median_rps:>8.1f} {spread:>8.1f} {p50:>8.1f} {p99:>8.1f} {hit:>8}")
+    for mode in ("single", "ray"):
+        results[f"{mode}_solo_p50_ms"] = round(percentile(solo[mode], 50), 2)
+    results["ray_overhead_ms"] = round(results["ray_solo_p50_ms"] - results["single_solo_p50_ms"], 2)
+    results["ray_64_vs_single"] = round(results["ray_64_rps"] / results["single_64_rps"], 3)
+    results.update(
+        clients=args.clients, replicas=args.replicas, replica_cpus=args.replica_cpus, max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms, threads=args.threads, rounds=rounds, requests=total, cpus=os.cpu_count() or 0,
+        quick=int(args.quick), seconds_total=round(time.perf_counter() - began, 1),
+    )  # fmt: skip
+    print(f"one request at a time, p50: single {results['single_solo_p50_ms']} ms, Ray {results['ray_solo_p50_ms']} ms "
+          f"-> Ray's proxy overhead {results['ray_overhead_ms']} ms; ray_64 / single_64 rps = {results['ray_64_vs_single']}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -297,7 +297,8 @@ def serve_on_ray(
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployments(config, replicas=replicas, replica_cpus=replica_cpus), name="adapterkit", route_prefix="/")
-        print(f"adapterkit serve: listening on http://{host}:{port} (Ray Serve, {replicas} replicas)", flush=True)
+        print(f"adapterkit serve: Ray Serve application 'adapterkit' running with {replicas} replicas", flush=True)
+        print(f"adapterkit serve: listening on http://{host}:{port}", flush=True)
         stop.wait()
         print("adapterkit serve: stopping the Ray Serve application", flush=True)
     finally:
