@@ -49,9 +49,15 @@ class BaseModelMismatch(ValueError):
 
     def __init__(self, path: str, expected: dict, found: dict):
         self.expected, self.found = expected, found
+        stem = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
+        if os.path.isfile(stem + ".base.safetensors"):  # `adapterkit train --full` writes the base beside it
+            hint = (f"; {path} comes from full fine-tuning: its base weights are {stem}.base.safetensors, "
+                    "load both with adapterkit.training.load_trained([artifact], base) or adapterkit predict/evaluate")
+        else:
+            hint = "; load it onto the base model it was trained on"
         super().__init__(
             f"{path}: adapter was trained for base model {describe_fingerprint(found)}, "
-            f"but this model is {describe_fingerprint(expected)}"
+            f"but this model is {describe_fingerprint(expected)}{hint}"
         )
 
 
@@ -135,8 +141,11 @@ def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def describe_fingerprint(fp: dict[str, Any]) -> str:
     name = fp.get("name_or_path") or "?"
+    # the id summarises coarse statistics (stable across dtypes, shared by light fine-tunes of one
+    # base); the weights digest covers every probe value, so two fingerprints that differ read apart
+    weights = hashlib.sha256(json.dumps(fp.get("probe")).encode()).hexdigest()[:8]
     return (
-        f"[{fp.get('id')}: model_type={fp.get('model_type')}, hidden_size={fp.get('hidden_size')}, "
+        f"[{fp.get('id')} weights {weights}: model_type={fp.get('model_type')}, hidden_size={fp.get('hidden_size')}, "
         f"layers={fp.get('num_layers')}, vocab={fp.get('vocab_size')}, from {name!r}]"
     )
 

@@ -44,9 +44,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: i
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, _default_mode() if mode is None else mode)
+        final_mode = _default_mode() if mode is None else mode
+        os.fchmod(fd, final_mode)
         os.close(fd)
         write(tmp)
+        # again: a writer may replace the file rather than fill it (safetensors' save_file does,
+        # leaving 0600), and every file adapterkit writes must read alike
+        os.chmod(tmp, final_mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

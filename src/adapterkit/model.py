@@ -173,7 +173,6 @@ class AdapterModel(nn.Module):
         self._handles: list[Any] = []
         self._norm_wrappers: list[_RoutedNorm] = []
         self._attach()
-        self._fingerprint: dict[str, Any] | None = None
         self.train(base.training)  # follow the base: from_pretrained models come in eval mode
 
     # -- attaching -----------------------------------------------------------------------------
@@ -513,12 +512,11 @@ class AdapterModel(nn.Module):
     # -- one-file artifacts --------------------------------------------------------------------
 
     def fingerprint(self) -> dict[str, Any]:
-        """The base model's fingerprint (see artifact.base_fingerprint); cached."""
-        if self._fingerprint is None:
-            first, last = self.layer_sites[0], self.layer_sites[-1]
-            probes = [self.base.get_input_embeddings().weight, first.attn_out.weight, last.ffn_out.weight]
-            self._fingerprint = base_fingerprint(self.base, probes)
-        return self._fingerprint
+        """The base model's fingerprint (see artifact.base_fingerprint) from its weights as they are now:
+        not cached, since full fine-tuning changes them between saves (and it costs a strided sample)."""
+        first, last = self.layer_sites[0], self.layer_sites[-1]
+        probes = [self.base.get_input_embeddings().weight, first.attn_out.weight, last.ffn_out.weight]
+        return base_fingerprint(self.base, probes)
 
     def save_adapter(
         self,
