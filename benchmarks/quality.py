@@ -164,10 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     for mode in MODES:
         parser.add_argument(f"--lrs-{mode}", default=",".join(map(str, LRS[mode])), help=f"learning rates for {mode}")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train", type=int, help="training examples per task (overrides the setting's)")
+    parser.add_argument("--test", type=int, help="test examples per task (overrides the setting's)")
+    parser.add_argument("--epochs", type=int, help="epochs (overrides the setting's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a busy machine)")
     parser.add_argument("--worker", nargs=4, metavar=("TASK", "MODE", "LR", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    setting = SETTINGS["quick" if args.quick else "full"]
+    setting = dict(SETTINGS["quick" if args.quick else "full"])
+    for key in ("train", "test", "epochs"):
+        if getattr(args, key) is not None:
+            setting[key] = getattr(args, key)
     if args.worker:
         task, mode, lr, seed = args.worker
         print("RESULT " + json.dumps(run_one(task, mode, float(lr), int(seed), setting, args.threads)), flush=True)
@@ -180,30 +186,31 @@ def main(argv: list[str] | None = None) -> int:
                  "lrs": lrs, "default_lr": DEFAULT_LR, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
                  "runs": [], "summary": []}
     started = time.perf_counter()
-    for task in tasks:
-        for mode in modes:
-            for lr in lrs[mode]:
-                for seed in seeds:
-                    cmd = [sys.executable, __file__, "--worker", task, mode, repr(lr), str(seed), "--threads", str(args.threads)]
-                    if args.quick:
-                        cmd.append("--quick")
-                    env = dict(os.environ, TQDM_DISABLE="1",
-                               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                    if proc.returncode or line is None:
-                        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                        raise SystemExit(f"{task}/{mode}/lr={lr}/seed={seed} failed (exit {proc.returncode})")
-                    result = {"task": task, "mode": mode, "lr": lr, "seed": seed, **json.loads(line[len("RESULT "):])}
-                    doc["runs"].append(result)
-                    print(f"  {task:5s} {mode:8s} lr={lr:.0e} seed={seed} val={result['val']:.4f} "
-                          f"test_acc={result['test_acc']:.4f} test_f1={result['test_macro_f1']:.4f} "
-                          f"epoch={result['epoch_s']:.1f}s peak={result['peak_mb']:.0f}MB", flush=True)
-                    doc["summary"] = [s for t in tasks for m in modes if (s := summarise(doc["runs"], t, m))]
-                    doc["total_seconds"] = round(time.perf_counter() - started, 1)
-                    if args.json:
-                        args.json.parent.mkdir(parents=True, exist_ok=True)
-                        args.json.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    # seed-major, default learning rate first: a sweep cut short still holds complete seeds, defaults first
+    order = [(seed, task, mode, lr) for seed in seeds for task in tasks for mode in modes
+             for lr in sorted(lrs[mode], key=lambda x: x != DEFAULT_LR["full" if mode == "full" else "adapter"])]
+    for seed, task, mode, lr in order:
+        cmd = [sys.executable, __file__, "--worker", task, mode, repr(lr), str(seed), "--threads", str(args.threads)]
+        cmd += [f"--{key}={setting[key]}" for key in ("train", "test", "epochs") if setting[key] is not None]
+        if args.quick:
+            cmd.append("--quick")
+        env = dict(os.environ, TQDM_DISABLE="1",
+                   PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"{task}/{mode}/lr={lr}/seed={seed} failed (exit {proc.returncode})")
+        result = {"task": task, "mode": mode, "lr": lr, "seed": seed, **json.loads(line[len("RESULT "):])}
+        doc["runs"].append(result)
+        print(f"  {task:5s} {mode:8s} lr={lr:.0e} seed={seed} val={result['val']:.4f} "
+              f"test_acc={result['test_acc']:.4f} test_f1={result['test_macro_f1']:.4f} "
+              f"epoch={result['epoch_s']:.1f}s peak={result['peak_mb']:.0f}MB", flush=True)
+        doc["summary"] = [s for t in tasks for m in modes if (s := summarise(doc["runs"], t, m))]
+        doc["total_seconds"] = round(time.perf_counter() - started, 1)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     print_table(doc["summary"])
     print(f"total {doc['total_seconds']} s")
     return 0

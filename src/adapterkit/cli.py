@@ -25,7 +25,7 @@ class CommandPart:
 # Imported lazily so that ``adapterkit --help`` stays fast and a part's optional dependencies are only
 # needed when it is used.
 COMMAND_PARTS = (
-    CommandPart("adapterkit.training.cli", ("train",), "train"),
+    CommandPart("adapterkit.training.cli", ("train", "predict", "evaluate"), "train"),
     CommandPart("adapterkit.hub.cli", ("hub",), "hub"),
     CommandPart("adapterkit.serve.cli", ("serve",), "serve"),
 )
