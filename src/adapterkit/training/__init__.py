@@ -23,7 +23,8 @@ The modules, each one step of a run:
 - ``evaluate``: loss, accuracy, macro-F1, per-class report from a confusion matrix;
 - ``plot``: the JSON Lines log and the PNG of the curves;
 - ``from_files``: ``train`` from paths (what ``adapterkit train`` runs);
-- ``cli``: the ``adapterkit train`` command;
+- ``predict``: ``load_trained`` (``--full`` results too), predicting and scoring files;
+- ``cli``: the ``adapterkit train``, ``predict`` and ``evaluate`` commands;
 - ``hf``: ``AdapterTrainer``, a Hugging Face ``Trainer`` that saves only the adapter (imported on its
   own: ``from adapterkit.training.hf import AdapterTrainer``).
 """
@@ -34,9 +35,10 @@ from .evaluate import evaluate, metrics_from_confusion, per_class_report
 from .from_files import describe, label_counts, train
 from .loop import fit, restore_best
 from .plot import write_log, write_plot
+from .predict import load_trained
 
 __all__ = [
     "DEFAULT_LR", "DTYPES", "METRICS", "TrainConfig", "TrainResult", "TrainingInterrupted", "describe", "evaluate",
-    "fit", "label_counts", "metrics_from_confusion", "per_class_report", "pick_device", "restore_best",
+    "fit", "label_counts", "load_trained", "metrics_from_confusion", "per_class_report", "pick_device", "restore_best",
     "run_paths", "train", "write_log", "write_plot",
 ]
