@@ -33,6 +33,14 @@ class AdapterConfig:
         train_layer_norms: train per-task layer-norm affines (default: the kind's; True for houlsby only).
         init_std: std of the truncated-normal init of both projections; biases start at zero, so the
             adapter starts close to the identity.
+        alpha: LoRA's alpha: the update is scaled by alpha / r (alpha / sqrt(r) with ``rslora``);
+            default r (scale 1). Only for ``lora``.
+        targets: the projections a ``lora`` or ``ia3`` adapter acts on, by role: q, k, v, o (attention),
+            up, gate, down (FFN) for LoRA (default q, v); k, v, ff (the FFN's inner activation) for
+            IA3 (default all three).
+        rslora: rank-stabilised LoRA (Kalajdzievski 2023): scale alpha / sqrt(r) instead of alpha / r.
+
+    For ``lora`` the rank r is ``bottleneck_size`` (default 8); ``dropout`` drops the LoRA input.
     """
 
     kind: str = "houlsby"
@@ -44,9 +52,20 @@ class AdapterConfig:
     scaling: float | None = None
     train_layer_norms: bool | None = None
     init_std: float = 1e-2
+    alpha: float | None = None
+    targets: list[str] | None = None
+    rslora: bool = False
 
     def __post_init__(self) -> None:
         kind = get_kind(self.kind)
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if isinstance(self.targets, tuple | set | frozenset):
+            self.targets = list(self.targets)
+        if kind.prepare is not None:
+            kind.prepare(self)
+        elif self.alpha is not None or self.targets is not None or self.rslora:
+            raise ValueError(f"alpha, targets and rslora are LoRA / IA3 options; kind {self.kind!r} takes none of them")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"AdapterConfig.activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
         if self.activation == "swish":
@@ -95,8 +114,8 @@ class AdapterConfig:
 
     @property
     def sites(self) -> tuple[str, ...]:
-        """The positions this kind adapts (``kinds.POSITIONS``), e.g. ("attn", "ffn")."""
-        return tuple(get_kind(self.kind).sites)
+        """The positions this adapter acts at (``kinds.POSITIONS``), e.g. ("attn", "ffn")."""
+        return tuple(get_kind(self.kind).positions(self))
 
     @property
     def parallel(self) -> bool:
@@ -110,7 +129,13 @@ class AdapterConfig:
         return max(1, int(hidden_size // self.reduction_factor))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As a JSON-able dict. Options a kind does not use are left out when unset, so a bottleneck
+        adapter's metadata is what it was before LoRA existed."""
+        data = asdict(self)
+        for key, unset in (("alpha", None), ("targets", None), ("rslora", False)):
+            if data[key] == unset:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:

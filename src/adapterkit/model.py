@@ -171,6 +171,8 @@ class AdapterModel(nn.Module):
         self._active: Route | None = None
         self._stacks = StackStore()  # mixed batches' per-site weight stacks, kept across calls
         self._handles: list[Any] = []
+        self._hooked: list[str] = []  # positions hooked so far, in hooking order
+        self._merged: tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # merge_adapter
         self._norm_wrappers: list[_RoutedNorm] = []
         self._attach()
         self.train(base.training)  # follow the base: from_pretrained models come in eval mode
@@ -178,21 +180,45 @@ class AdapterModel(nn.Module):
     # -- attaching -----------------------------------------------------------------------------
 
     def _attach(self) -> None:
-        self._attach_hooks()
+        self._attach_hooks(("attn", "ffn"))  # the bottleneck kinds' positions; others on demand
         for ls in self.layer_sites:
             for j, (_, norm) in enumerate(ls.norms):
                 wrapper = _RoutedNorm(self, norm, ls.index, j)
                 norm.forward = wrapper  # instance attribute shadows the class's forward
                 self._norm_wrappers.append(wrapper)
 
-    def _attach_hooks(self) -> None:
+    def _attach_hooks(self, positions: Sequence[str] | None = None) -> None:
+        """Hook ``positions`` (default: every position hooked so far, as after a deepcopy) on every
+        layer that has their modules. Positions are hooked when an adapter first needs them: a module
+        without hooks runs torch's fast call path, and most models never use most positions."""
         me = weakref.ref(self)  # hooks must not keep the model alive
 
-        def site_hook(layer: int, position: str):
+        def site_hook(layer: int, position: str, part: slice | None):
             def hook(module: nn.Module, args: tuple, out: torch.Tensor):
                 owner = me()
                 route = owner._route() if owner is not None else None
-                return None if route is None else route.apply_site(layer, position, out)
+                if route is None:
+                    return None
+                if part is None:
+                    return route.apply_site(layer, position, out)
+                # a fused projection (GPT-2's c_attn): this position owns its part of the output
+                view = out[..., part]
+                new = route.apply_site(layer, position, view)
+                if new is None or new.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                    return None  # nothing to do, or done in place in this part
+                if torch.is_grad_enabled():
+                    out = out.clone()  # the hooked output may be saved for backward
+                out[..., part] = new
+                return out
+
+            return hook
+
+        def rewrite_hook(layer: int, position: str):
+            def hook(module: nn.Module, args: tuple):
+                owner = me()
+                route = owner._route() if owner is not None else None
+                new = None if route is None else route.apply_site(layer, position, args[0])
+                return None if new is None else (new, *args[1:])
 
             return hook
 
@@ -205,11 +231,22 @@ class AdapterModel(nn.Module):
 
             return hook
 
-        for ls in self.layer_sites:
-            for position, where in POSITIONS.items():
-                self._handles.append(getattr(ls, where.output).register_forward_hook(site_hook(ls.index, position)))
-                if where.input is not None:
-                    self._handles.append(getattr(ls, where.input).register_forward_pre_hook(capture_hook(ls.index, position)))
+        todo = list(self._hooked) if positions is None else [p for p in positions if p not in self._hooked]
+        for position in todo:
+            where = POSITIONS[position]
+            for ls in self.layer_sites:
+                target = getattr(ls, where.output)
+                if target is None:  # an optional role this layer lacks (a gate in a plain FFN)
+                    continue
+                if where.acts_on == "input":
+                    self._handles.append(target.register_forward_pre_hook(rewrite_hook(ls.index, position)))
+                else:
+                    part = ls.slices.get(where.output)
+                    self._handles.append(target.register_forward_hook(site_hook(ls.index, position, part)))
+                feeder = None if where.input is None else getattr(ls, where.input)
+                if feeder is not None:
+                    self._handles.append(feeder.register_forward_pre_hook(capture_hook(ls.index, position)))
+            self._hooked.append(position)
 
     def detach(self) -> nn.Module:
         """Remove every hook and wrapper and return the base model, exactly as it was."""
@@ -221,7 +258,7 @@ class AdapterModel(nn.Module):
                     del w.module.forward
                 else:
                     w.module.forward = w.own_forward
-        self._handles, self._norm_wrappers = [], []
+        self._handles, self._norm_wrappers, self._hooked = [], [], []
         return self.base
 
     def __deepcopy__(self, memo: dict) -> AdapterModel:
@@ -246,7 +283,8 @@ class AdapterModel(nn.Module):
             wrapper.owner = weakref.ref(clone)
         clone._handles = []
         if ours:
-            clone._attach_hooks()
+            hooked, clone._hooked = clone._hooked, []
+            clone._attach_hooks(hooked)
         return clone
 
     def _route(self) -> Route | None:
@@ -296,15 +334,37 @@ class AdapterModel(nn.Module):
             head = build_head(head_spec, self.hidden_size, self.sites.pooling).to(**factory)
         elif task_type not in HEADLESS_TYPES:
             raise ValueError(f"unknown head {task_type!r}; expected one of {', '.join(HEAD_TYPES + HEADLESS_TYPES)} or None")
-        return TaskAdapter(
+        positions = config.sites
+        adapter = TaskAdapter(
             config,
             self.hidden_size,
             [len(ls.norms) for ls in self.layer_sites],
             head=head,
             task={"type": task_type, "labels": list(labels)},
             head_spec=head_spec,
+            dims_per_layer=self._site_dims(config.kind, positions) if config.kind_spec.sized_by_site else None,
             **factory,
         )
+        self._attach_hooks(positions)
+        return adapter
+
+    def _site_dims(self, kind: str, positions: Sequence[str]) -> list[dict[str, tuple[int, int]]]:
+        """Per layer: position -> (in, out) features of the projection there; a clear error where this
+        architecture's row of the site table names no module for a targeted position."""
+        dims = []
+        for ls in self.layer_sites:
+            per_layer = {}
+            for position in positions:
+                role = POSITIONS[position].output
+                size = ls.dims(role)
+                if size is None:
+                    raise ValueError(
+                        f"{kind} target {position!r} needs the {role} projection, which the site table row for "
+                        f"{self.base.config.model_type!r} does not name (layer {ls.path}); pick other targets"
+                    )
+                per_layer[position] = size
+            dims.append(per_layer)
+        return dims
 
     def add_adapter(
         self,
@@ -335,6 +395,8 @@ class AdapterModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (and its head). The active default is cleared if it used it."""
         self._get(name)
+        if self._merged is not None and self._merged[0] == name:
+            raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge_adapter({name!r}) first")
         adapter = self.adapters[name]
         if self._active is not None and any(a is adapter for a in self._active.rows):
             self._active = None
@@ -359,7 +421,69 @@ class AdapterModel(nn.Module):
 
     def set_active_adapter(self, name: str | None) -> None:
         """The adapter every forward uses when the call names none (None: no adapter)."""
+        self._check_merged([name])
         self._active = None if name is None else Route.for_rows([self._get(name)])
+
+    # -- merging (single-task deployment) ------------------------------------------------------
+
+    def merge_adapter(self, name: str) -> None:
+        """Fold adapter ``name`` into the base model's weights (LoRA: ``W += s B A``; IA3: rows and
+        columns scaled), for single-task serving at the bare model's speed.
+
+        The original weights are kept (a copy of each merged projection), so ``unmerge_adapter``
+        restores them bit for bit. While merged, every call runs that adapter (its head too); routing
+        to any other adapter, or to none, raises — the base weights are not the base model's.
+        Kinds without a weight form (bottlenecks) cannot be merged.
+        """
+        adapter = self._get(name)
+        if self._merged is not None:
+            raise ValueError(f"adapter {self._merged[0]!r} is already merged; unmerge_adapter it first")
+        sites = [(key, m) for key, m in adapter._lookup().items() if isinstance(key[1], str)]
+        if not all(hasattr(m, "merge_into") for _, m in sites):
+            raise ValueError(f"adapter {name!r} is of kind {adapter.config.kind!r}, which has no weight form to merge")
+        self.fingerprint()  # of the base as it is, before its weights change
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for (layer, position), module in sites:
+                ls = self.layer_sites[layer]
+                role = POSITIONS[position].output
+                target = getattr(ls, role)
+                weight, bias = target.weight, getattr(target, "bias", None)
+                for p in (weight, bias):
+                    if p is not None and id(p) not in saved:
+                        saved[id(p)] = (p, p.detach().clone())
+                w = weight if isinstance(target, nn.Linear) else weight.t()  # Conv1D keeps (in, out)
+                part = ls.slices.get(role)
+                if part is not None:
+                    w, bias = w[part], None if bias is None else bias[part]
+                module.merge_into(w, bias)
+                module.merged = True
+        self._merged = (name, list(saved.values()))
+        self._active = Route.for_rows([adapter])
+
+    def unmerge_adapter(self, name: str) -> None:
+        """Undo ``merge_adapter``: the base weights are restored bit for bit from the kept copies."""
+        if self._merged is None or self._merged[0] != name:
+            raise ValueError(f"adapter {name!r} is not merged")
+        with torch.no_grad():
+            for p, original in self._merged[1]:
+                p.copy_(original)
+        for key, module in self._get(name)._lookup().items():
+            if isinstance(key[1], str):
+                module.merged = False
+        self._merged = None
+
+    @property
+    def merged_adapter(self) -> str | None:
+        """The adapter merged into the base weights, if any."""
+        return None if self._merged is None else self._merged[0]
+
+    def _check_merged(self, names: Sequence[str | None]) -> None:
+        if self._merged is not None and any(n != self._merged[0] for n in names):
+            raise ValueError(
+                f"adapter {self._merged[0]!r} is merged into the base weights: every row runs it; "
+                f"unmerge_adapter({self._merged[0]!r}) to route rows to {sorted({str(n) for n in names})}"
+            )
 
     @property
     def active_adapter(self) -> str | None:
@@ -399,10 +523,12 @@ class AdapterModel(nn.Module):
         if names is None:
             return None  # the active default
         if isinstance(names, str):
+            self._check_merged([names])
             return Route.for_rows([self._get(names)])
         if isinstance(names, torch.Tensor) or not isinstance(names, Sequence):
             raise TypeError(f"adapter_names must be a name, a list of names (None for no adapter) or None; got {type(names).__name__}")
         rows = [None if n is None else self._get(n) for n in names]
+        self._check_merged(names)
         if not rows:
             raise ValueError("adapter_names is empty")
         route = Route.for_rows(rows, self._stacks)

@@ -13,14 +13,24 @@ tuple of candidates, because transformers renames modules between releases (ViT'
 - ``pooling``: which token a sequence-classification head reads: ``first`` (encoders, [CLS]),
   ``last`` (decoders: the last non-padding token) or ``None`` (no classification heads).
 
+Optional roles, for the kinds that act on projections inside a sublayer (LoRA, IA3); a row without
+them still serves the bottleneck kinds, and a kind that targets a role the row lacks says so:
+
+- ``attn_q`` / ``attn_k`` / ``attn_v``: the self-attention's query, key and value projections.
+- ``attn_qkv``: one fused projection whose output is [q; k; v] in equal thirds (GPT-2's ``c_attn``),
+  for rows without separate ones; each of q, k, v then acts on its third of the output.
+- ``ffn_up``: the FFN's input projection (``up_proj`` of a gated FFN); ``ffn_gate``: its gate
+  projection, where the FFN is gated.
+
 Adding an architecture is one more row; ``tests/test_sites.py`` checks every row on a tiny model.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 SITES_VERSION = 1
@@ -34,6 +44,12 @@ class SiteSpec:
     ffn_out: tuple[str, ...]
     norms: tuple[str, ...]
     pooling: str | None = "first"
+    attn_q: tuple[str, ...] = ()
+    attn_k: tuple[str, ...] = ()
+    attn_v: tuple[str, ...] = ()
+    attn_qkv: tuple[str, ...] = ()
+    ffn_up: tuple[str, ...] = ()
+    ffn_gate: tuple[str, ...] = ()
 
 
 _BERT_LIKE = SiteSpec(
@@ -42,6 +58,10 @@ _BERT_LIKE = SiteSpec(
     ffn_in=("intermediate",),
     ffn_out=("output.dense",),
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
+    attn_q=("attention.self.query", "attention.self.query_proj"),  # deberta-v2: *_proj
+    attn_k=("attention.self.key", "attention.self.key_proj"),
+    attn_v=("attention.self.value", "attention.self.value_proj"),
+    ffn_up=("intermediate.dense",),
 )
 _LLAMA_LIKE = SiteSpec(
     layers=("layers",),
@@ -50,6 +70,11 @@ _LLAMA_LIKE = SiteSpec(
     ffn_out=("mlp.down_proj",),
     norms=("input_layernorm", "post_attention_layernorm"),
     pooling="last",
+    attn_q=("self_attn.q_proj",),
+    attn_k=("self_attn.k_proj",),
+    attn_v=("self_attn.v_proj",),
+    ffn_up=("mlp.up_proj",),
+    ffn_gate=("mlp.gate_proj",),
 )
 
 SITES: dict[str, SiteSpec] = {
@@ -64,6 +89,10 @@ SITES: dict[str, SiteSpec] = {
         ffn_in=("ffn",),
         ffn_out=("ffn.lin2",),
         norms=("sa_layer_norm", "output_layer_norm"),
+        attn_q=("attention.q_lin",),
+        attn_k=("attention.k_lin",),
+        attn_v=("attention.v_lin",),
+        ffn_up=("ffn.lin1",),
     ),
     "mpnet": SiteSpec(
         layers=("encoder.layer",),
@@ -71,6 +100,10 @@ SITES: dict[str, SiteSpec] = {
         ffn_in=("intermediate",),
         ffn_out=("output.dense",),
         norms=("attention.LayerNorm", "output.LayerNorm"),
+        attn_q=("attention.attn.q",),
+        attn_k=("attention.attn.k",),
+        attn_v=("attention.attn.v",),
+        ffn_up=("intermediate.dense",),
     ),
     "gpt2": SiteSpec(
         layers=("h",),
@@ -79,6 +112,8 @@ SITES: dict[str, SiteSpec] = {
         ffn_out=("mlp.c_proj",),
         norms=("ln_1", "ln_2"),
         pooling="last",
+        attn_qkv=("attn.c_attn",),
+        ffn_up=("mlp.c_fc",),
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -90,6 +125,13 @@ SITES: dict[str, SiteSpec] = {
         ffn_out=("layer.2.DenseReluDense.wo", "layer.1.DenseReluDense.wo"),
         norms=("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm"),
         pooling=None,
+        attn_q=("layer.0.SelfAttention.q",),
+        attn_k=("layer.0.SelfAttention.k",),
+        attn_v=("layer.0.SelfAttention.v",),
+        # decoder blocks first (their FFN is layer.2); gated FFNs (T5 v1.1): wi_1 is up, wi_0 the gate
+        ffn_up=("layer.2.DenseReluDense.wi", "layer.1.DenseReluDense.wi",
+                "layer.2.DenseReluDense.wi_1", "layer.1.DenseReluDense.wi_1"),
+        ffn_gate=("layer.2.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_0"),
     ),
     "bart": SiteSpec(
         layers=("encoder.layers", "decoder.layers"),
@@ -98,6 +140,10 @@ SITES: dict[str, SiteSpec] = {
         ffn_out=("fc2",),
         norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
         pooling=None,
+        attn_q=("self_attn.q_proj",),
+        attn_k=("self_attn.k_proj",),
+        attn_v=("self_attn.v_proj",),
+        ffn_up=("fc1",),
     ),
     "vit": SiteSpec(
         layers=("encoder.layer", "layers"),  # 4.57: encoder.layer; 5.x: layers
@@ -105,13 +151,25 @@ SITES: dict[str, SiteSpec] = {
         ffn_in=("intermediate", "mlp"),
         ffn_out=("output.dense", "mlp.fc2"),
         norms=("layernorm_before", "layernorm_after"),
+        attn_q=("attention.attention.query", "attention.q_proj"),
+        attn_k=("attention.attention.key", "attention.k_proj"),
+        attn_v=("attention.attention.value", "attention.v_proj"),
+        ffn_up=("intermediate.dense", "mlp.fc1"),
     ),
 }
 
 
+# Optional roles (see the module docstring): resolved when the row names them, else None.
+PROJECTION_ROLES = ("attn_q", "attn_k", "attn_v", "ffn_up", "ffn_gate")
+
+
 @dataclass
 class LayerSites:
-    """The modules of one transformer layer that adapters attach to."""
+    """The modules of one transformer layer that adapters attach to.
+
+    ``slices`` maps a role served by a part of a fused module's output (GPT-2's ``c_attn`` for
+    ``attn_q`` / ``attn_k`` / ``attn_v``) to that part's columns.
+    """
 
     index: int
     path: str
@@ -119,6 +177,38 @@ class LayerSites:
     ffn_in: nn.Module
     ffn_out: nn.Module
     norms: list[tuple[str, nn.Module]]
+    attn_q: nn.Module | None = None
+    attn_k: nn.Module | None = None
+    attn_v: nn.Module | None = None
+    ffn_up: nn.Module | None = None
+    ffn_gate: nn.Module | None = None
+    slices: dict[str, slice] = field(default_factory=dict)
+
+    def dims(self, role: str) -> tuple[int, int] | None:
+        """(in_features, out_features) of the projection playing ``role`` (its part, for a fused
+        one); None where this layer has no such module."""
+        module = getattr(self, role, None)
+        if module is None:
+            return None
+        n_in, n_out = linear_dims(module)
+        part = self.slices.get(role)
+        if part is not None:
+            n_out = part.stop - part.start
+        return n_in, n_out
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or of transformers' ``Conv1D`` (GPT-2), whose
+    weight is stored transposed, (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0], weight.shape[1]
+    raise UnknownArchitecture(
+        f"{type(module).__name__} is not a linear projection (nn.Linear or Conv1D); "
+        f"LoRA and IA3 need one at this role"
+    )
 
 
 class UnknownArchitecture(ValueError):
@@ -177,7 +267,20 @@ def find_layers(model: nn.Module, spec: SiteSpec) -> list[LayerSites]:
                 picked[role] = hit[1]
             modules = dict(layer.named_modules())
             norms = [(n, modules[n]) for n in spec.norms if n in modules]
-            layers.append(LayerSites(len(layers), path, picked["attn_out"], picked["ffn_in"], picked["ffn_out"], norms))
+            sites = LayerSites(len(layers), path, picked["attn_out"], picked["ffn_in"], picked["ffn_out"], norms)
+            for role in PROJECTION_ROLES:
+                hit = _first(layer, getattr(spec, role))
+                setattr(sites, role, None if hit is None else hit[1])
+            fused = _first(layer, spec.attn_qkv)
+            if fused is not None and sites.attn_q is None:
+                width = linear_dims(fused[1])[1]
+                if width % 3:
+                    raise UnknownArchitecture(f"{type(model).__name__}: {path}.{fused[0]} has {width} outputs, not [q; k; v] thirds")
+                third = width // 3
+                for k, role in enumerate(("attn_q", "attn_k", "attn_v")):
+                    setattr(sites, role, fused[1])
+                    sites.slices[role] = slice(k * third, (k + 1) * third)
+            layers.append(sites)
     return layers
 
 

@@ -42,11 +42,19 @@ class LayerAdapter(nn.Module):
     """One task's modules in one transformer layer: one per position of its kind (registered under the
     position's name, so ``layer.attn`` / ``layer.ffn``), then ``norms``."""
 
-    def __init__(self, hidden_size: int, config: AdapterConfig, num_norms: int, **factory: Any):
+    def __init__(
+        self,
+        hidden_size: int,
+        config: AdapterConfig,
+        num_norms: int,
+        dims: dict[str, tuple[int, int]] | None = None,
+        **factory: Any,
+    ):
         super().__init__()
         kind = config.kind_spec
-        for position in kind.sites:
-            self.add_module(position, kind.build(position, hidden_size, config, **factory))
+        for position in kind.positions(config):
+            size = None if dims is None else dims.get(position)
+            self.add_module(position, kind.build(position, hidden_size, config, dims=size, **factory))
         n = num_norms if config.train_layer_norms else 0
         self.norms = nn.ModuleList(NormAffine(hidden_size, **factory) for _ in range(n))
 
@@ -67,14 +75,17 @@ class TaskAdapter(nn.Module):
         head: nn.Module | None = None,
         task: dict[str, Any] | None = None,
         head_spec: dict[str, Any] | None = None,
+        dims_per_layer: list[dict[str, tuple[int, int]]] | None = None,
         **factory: Any,
     ):
         super().__init__()
         self.config = config
         self.task = task or {"type": "none", "labels": []}
         self.head_spec = head_spec
+        # dims_per_layer[i]: position -> (in, out) features of the projection there (kinds sized by site)
         self.layers = nn.ModuleList(
-            None if i in config.leave_out else LayerAdapter(hidden_size, config, n, **factory)
+            None if i in config.leave_out
+            else LayerAdapter(hidden_size, config, n, None if dims_per_layer is None else dims_per_layer[i], **factory)
             for i, n in enumerate(norms_per_layer)
         )
         self.head = head

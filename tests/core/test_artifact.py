@@ -139,7 +139,7 @@ def test_missing_and_malformed_metadata(tmp_path, trained):
         "format.safetensors": (dict(metadata={**meta, "format": "other"}), "metadata format is 'other'"),
         "future.safetensors": (dict(metadata={**meta, "format_version": 99}), "format_version 99 is not supported"),
         "labels.safetensors": (dict(metadata={**meta, "task": {"type": "classification", "labels": "neg,pos"}}), "'task.labels' must be a list of strings"),
-        "config.safetensors": (dict(metadata={**meta, "config": {**meta["config"], "kind": "lora"}}), "bad adapter config in metadata: AdapterConfig.kind must be one of"),
+        "config.safetensors": (dict(metadata={**meta, "config": {**meta["config"], "kind": "no-such-kind"}}), "bad adapter config in metadata: AdapterConfig.kind must be one of"),
         "headcount.safetensors": (dict(metadata={**meta, "task": {"type": "classification", "labels": ["a", "b", "c"]}}), "head has 2 outputs but task lists 3 labels"),
     }
     for filename, (kwargs, message) in cases.items():

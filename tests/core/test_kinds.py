@@ -26,8 +26,12 @@ KIND_ROWS = {
 }
 
 
+# Kinds sized by the projection they act on, tested in test_lora_ia3.py and test_kinds_mixed.py.
+SIZED_KINDS = ["lora", "ia3"]
+
+
 def test_every_registered_kind_has_a_row():
-    assert list(kinds.KINDS) == list(KIND_ROWS)
+    assert list(kinds.KINDS) == list(KIND_ROWS) + SIZED_KINDS
 
 
 def _perturbed(model: AdapterModel, seed: int) -> AdapterModel:
@@ -157,7 +161,7 @@ def test_a_kind_with_its_own_maths_shares_a_mixed_batch(monkeypatch):
 
 
 def test_a_kind_is_checked_when_it_is_declared():
-    with pytest.raises(ValueError, match="unknown position 'q'"):
-        AdapterKind("bad", {"q": "output"}, _Gain)
+    with pytest.raises(ValueError, match="unknown position 'nowhere'"):
+        AdapterKind("bad", {"nowhere": "output"}, _Gain)
     with pytest.raises(ValueError, match="position 'attn' has no input site"):
         AdapterKind("bad", {"attn": "input"}, _Gain)

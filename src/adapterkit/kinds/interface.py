@@ -36,20 +36,34 @@ FEEDS = ("output", "input")
 class Position:
     """A place in a transformer layer where a kind's module acts.
 
-    ``output``: the ``LayerSites`` attribute whose output a forward hook passes to the adapters.
+    ``output``: the ``LayerSites`` attribute (a module role, ``sites.py``) whose output a forward hook
+    passes to the adapters — or, with ``acts_on="input"``, whose first input a forward pre-hook passes
+    to them (IA3 scales the FFN's inner activation, the input of its output projection).
     ``input``: the ``LayerSites`` attribute whose first input a pre-hook captures for modules fed by
     the sublayer's input, or None where ``sites.py`` names no such module (no ``"input"`` feed there).
+    Roles that a row of the site table may lack (``sites.PROJECTION_ROLES``) are hooked only where the
+    layer has them, and only once some adapter has a module at the position.
     """
 
     output: str
     input: str | None = None
+    acts_on: str = "output"
 
 
-# The positions hooked on every layer. A new position (LoRA on ``attn_q``, IA3 on keys and values)
-# is one more entry here plus the module role in ``sites.py``; routing takes it from there.
+# The positions a kind may act at. Bottleneck kinds act at "attn" and "ffn"; LoRA at any projection
+# (fed by the projection's own input, added to its output); IA3 scales the outputs of "k" and "v" and
+# the input of the FFN's output projection ("ff").
 POSITIONS: dict[str, Position] = {
     "attn": Position(output="attn_out"),  # after the attention output projection
     "ffn": Position(output="ffn_out", input="ffn_in"),  # after the FFN; its input feeds parallel kinds
+    "q": Position(output="attn_q", input="attn_q"),
+    "k": Position(output="attn_k", input="attn_k"),
+    "v": Position(output="attn_v", input="attn_v"),
+    "o": Position(output="attn_out", input="attn_out"),
+    "up": Position(output="ffn_up", input="ffn_up"),
+    "gate": Position(output="ffn_gate", input="ffn_gate"),
+    "down": Position(output="ffn_out", input="ffn_out"),
+    "ff": Position(output="ffn_out", acts_on="input"),  # the FFN's inner activation
 }
 
 
@@ -113,6 +127,11 @@ class AdapterKind:
         summary: one line for documentation and the command line.
         check: optional extra validation of an ``AdapterConfig`` of this kind (raise ValueError).
         order: sort key among kinds (the built-in ones first, in the order the README lists them).
+        sized_by_site: the module is shaped by the projection it acts on (LoRA, IA3): ``build`` passes
+            ``dims=(in_features, out_features)`` of that projection and the ``position``.
+        prepare: optional: fill this kind's defaults into an ``AdapterConfig`` before it is validated
+            (LoRA's rank and targets).
+        select: optional: the positions (a subset of ``sites``) a given config uses; default all.
     """
 
     name: str
@@ -123,6 +142,9 @@ class AdapterKind:
     summary: str = ""
     check: Callable[[AdapterConfig], None] | None = None
     order: int = 100
+    sized_by_site: bool = False
+    prepare: Callable[[AdapterConfig], None] | None = None
+    select: Callable[[AdapterConfig], tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         for position, feed in self.sites.items():
@@ -133,6 +155,20 @@ class AdapterKind:
             if feed == "input" and POSITIONS[position].input is None:
                 raise ValueError(f"kind {self.name!r}: position {position!r} has no input site to feed it")
 
-    def build(self, position: str, hidden_size: int, config: AdapterConfig, **factory: Any) -> SiteModule:
-        """The module this kind puts at ``position`` for one layer."""
+    def positions(self, config: AdapterConfig) -> dict[str, str]:
+        """The positions (-> feed) this config's modules go to, in build order."""
+        if self.select is None:
+            return dict(self.sites)
+        chosen = set(self.select(config))
+        return {p: f for p, f in self.sites.items() if p in chosen}
+
+    def build(
+        self, position: str, hidden_size: int, config: AdapterConfig, dims: tuple[int, int] | None = None, **factory: Any
+    ) -> SiteModule:
+        """The module this kind puts at ``position`` for one layer (``dims``: the targeted projection's
+        (in, out) features, for kinds sized by their site)."""
+        if self.sized_by_site:
+            if dims is None:
+                raise ValueError(f"kind {self.name!r} needs the dimensions of the projection at {position!r}")
+            return self.module(hidden_size, config, feed=self.sites[position], dims=dims, position=position, **factory)
         return self.module(hidden_size, config, feed=self.sites[position], **factory)
