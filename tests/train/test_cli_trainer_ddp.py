@@ -36,6 +36,22 @@ def test_cli_trains_and_resumes(tmp_path, tiny_bert, files, capsys):
     assert len(run_paths(out)["log"].read_text().splitlines()) == 1
 
 
+def test_cli_trains_a_lora_and_an_ia3_adapter(tmp_path, tiny_bert, files, capsys):
+    common = ["--base", str(tiny_bert), "--data", str(files[0]), "--validation", str(files[1]), "--epochs", "1",
+              "--batch-size", "32", "--no-progress", "--threads", "1"]
+    lora, ia3 = tmp_path / "lora.safetensors", tmp_path / "ia3.safetensors"
+    assert main(["train", *common, "--task", "l", "--out", str(lora), "--kind", "lora", "--lora-r", "8",
+                 "--lora-alpha", "16", "--lora-targets", "q,v"]) == 0
+    config = read_metadata(lora)["config"]
+    assert (config["kind"], config["bottleneck_size"], config["alpha"], config["targets"]) == ("lora", 8, 16.0, ["q", "v"])
+    assert {k.split(".")[2] for k in read_artifact(lora).tensors if k.startswith("layers.")} == {"q", "v"}
+    assert main(["train", *common, "--task", "i", "--out", str(ia3), "--kind", "ia3", "--ia3-targets", "k,v"]) == 0
+    assert read_metadata(ia3)["config"]["targets"] == ["k", "v"]
+    capsys.readouterr()
+    code = main(["train", *common, "--task", "h", "--out", str(tmp_path / "h.safetensors"), "--lora-r", "4"])
+    assert code == 2 and capsys.readouterr().err == "adapterkit train: error: --lora-r need --kind lora (got --kind houlsby)\n"
+
+
 def test_cli_errors_are_one_line(tmp_path, tiny_bert, files, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,label\nhi,pos\n")

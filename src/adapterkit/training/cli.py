@@ -21,6 +21,7 @@ from .config import DEFAULT_LR, METRICS
 _ADAPTER_OPTIONS = {
     "kind": "--kind", "bottleneck_size": "--bottleneck-size", "reduction_factor": "--reduction-factor",
     "activation": "--activation", "dropout": "--dropout", "train_layer_norms": "--[no-]train-layer-norms",
+    "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "ia3_targets": "--ia3-targets",
 }
 
 
@@ -64,6 +65,11 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--reduction-factor", type=float)
     p.add_argument("--activation", help="adapter activation (default: gelu)")
     p.add_argument("--dropout", type=float, help="dropout on the adapter's output (default: 0)")
+    p.add_argument("--lora-r", type=int, help="--kind lora: the rank r (default 8)")
+    p.add_argument("--lora-alpha", type=float, help="--kind lora: alpha; the update is scaled by alpha / r (default: r)")
+    p.add_argument("--lora-targets", help="--kind lora: projections, comma-separated, of q,k,v,o,up,gate,down (default: q,v)")
+    p.add_argument("--rslora", action="store_true", help="--kind lora: scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    p.add_argument("--ia3-targets", help="--kind ia3: comma-separated, of k,v,ff (default: all three)")
     p.add_argument("--train-layer-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="train per-task layer-norm affines (default: yes for houlsby)")
     p.add_argument("--epochs", type=int, default=3)
@@ -147,6 +153,7 @@ def _check_train_options(args: argparse.Namespace) -> None:
     """Refuse options the chosen mode would ignore, warn about ones that do nothing here."""
     if args.full:
         given = [flag for key, flag in _ADAPTER_OPTIONS.items() if getattr(args, key) is not None]
+        given += ["--rslora"] if args.rslora else []
         if given:
             raise ValueError(f"--full trains the whole model, not an adapter: {', '.join(given)} would be ignored; "
                              "drop them or drop --full")
@@ -156,6 +163,27 @@ def _check_train_options(args: argparse.Namespace) -> None:
         _warn("train", f"--split applies to datasets data; {args.data} is a file, so it is ignored")
     if args.bottleneck_size is not None and args.reduction_factor is not None:
         raise ValueError("give --bottleneck-size or --reduction-factor, not both")
+
+
+def _kind_options(args: argparse.Namespace) -> dict:
+    """The LoRA / IA3 flags as AdapterConfig options; a flag of another kind is an error, not ignored."""
+    kind = args.kind or "houlsby"
+    lora = {"--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets,
+            "--rslora": args.rslora or None}
+    given = [flag for flag, value in lora.items() if value is not None]
+    if given and kind != "lora":
+        raise ValueError(f"{', '.join(given)} need --kind lora (got --kind {kind})")
+    if args.ia3_targets is not None and kind != "ia3":
+        raise ValueError(f"--ia3-targets needs --kind ia3 (got --kind {kind})")
+    if kind == "lora":
+        if args.lora_r is not None and args.bottleneck_size is not None:
+            raise ValueError("give --lora-r or --bottleneck-size, not both")
+        if args.lora_r is not None:
+            args.bottleneck_size = args.lora_r
+        return {"alpha": args.lora_alpha, "targets": args.lora_targets, "rslora": args.rslora}
+    if kind == "ia3":
+        return {"targets": args.ia3_targets}
+    return {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             adapter = AdapterConfig(
                 kind=args.kind or "houlsby", bottleneck_size=args.bottleneck_size,
                 reduction_factor=args.reduction_factor, activation=args.activation or "gelu",
-                dropout=args.dropout or 0.0, train_layer_norms=args.train_layer_norms,
+                dropout=args.dropout or 0.0, train_layer_norms=args.train_layer_norms, **_kind_options(args),
             )
         config = TrainConfig(
             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
