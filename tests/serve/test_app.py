@@ -150,10 +150,12 @@ def test_too_long_input_is_413_when_rejecting(server):
     assert "64" in r.json()["detail"]
 
 
-def test_broken_artifact_is_500_with_reason(server):
+def test_broken_artifact_is_422_with_reason_and_no_server_path(server, artifacts):
     r = httpx.post(f"{server}/v1/classify", json={"adapter": "broken", "text": "x"}, timeout=60)
-    assert r.status_code == 500
-    assert "broken.safetensors" in r.json()["detail"]
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "'broken'" in detail and "safetensors" in detail
+    assert str(artifacts) not in r.text and "/tmp" not in r.text
 
 
 # -- managing adapters, health, metrics --------------------------------------------------------------

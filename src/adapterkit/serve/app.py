@@ -14,15 +14,23 @@ Endpoints (OpenAPI at ``/docs``):
 =======================  ==========================================================================
 
 Errors, each as ``{"detail": ...}``: unknown adapter 404; adapter built for another base model 409
-(with ``expected`` and ``found`` fingerprints); malformed request or an adapter of the wrong task for
-the endpoint 422; input over the model's limit 413 when the server runs with ``on_long="reject"``
-(with ``"truncate"`` it is cut to the limit and the answer says ``"truncated": true``); queue full
-503 with ``Retry-After``; a broken artifact in the registry 500; registry unreachable 502.
+(with ``expected`` and ``found`` fingerprints); malformed request, an adapter of the wrong task for
+the endpoint, or an unusable artifact in the registry 422; input over the model's limit 413 when the
+server runs with ``on_long="reject"`` (with ``"truncate"`` it is cut to the limit and the answer says
+``"truncated": true``); a body over ``max_body_bytes`` 413; queue full, or no room to load one more
+adapter while all loaded ones are in use, 503 with ``Retry-After``; registry unreachable 502; a
+missing or wrong admin token 401, too many wrong ones 429. No answer echoes the request's input or
+holds the server's paths. ``docs/security.md`` lists every limit.
+
+Loading and unloading (``POST``/``DELETE /v1/adapters``, ``GET /v1/adapters?available=true``) need
+``Authorization: Bearer <admin token>`` when ``ServeConfig.admin_token`` is set, which it must be
+unless the server binds to loopback only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -31,11 +39,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..artifact import ArtifactError, BaseModelMismatch
+from ..hub.guards import (
+    BodyLimit,
+    FailedAuthLimiter,
+    SafeJSONResponse,
+    SecurityHeaders,
+    client_address,
+    validation_detail,
+)
+from ..hub.names import has_surrogate
 from ..model import AdapterModel
 from .batcher import Batcher, QueueFull
 from .cache import (
@@ -43,6 +61,7 @@ from .cache import (
     AdapterCache,
     AdapterSource,
     BadReference,
+    CacheFull,
     LoadedAdapter,
     SourceUnavailable,
     UnknownAdapter,
@@ -72,6 +91,21 @@ class ServeConfig:
     split_overhead: int = 48  # a forward pass's fixed cost in tokens: batches split by length when cheaper
     max_new_tokens: int = 256
     registry_token: str | None = None
+    # -- limits (docs/security.md) --
+    host: str = "127.0.0.1"  # where the server binds: anything but loopback needs an admin token
+    admin_token: str | None = None  # Bearer token for loading / unloading adapters
+    max_body_bytes: int = 1 << 20
+    max_pinned: int = 16  # distinct adapters in use at once
+    negative_ttl_s: float = 30.0  # failed loads answered from memory this long
+    latest_ttl_s: float = 30.0  # references without an exact version re-resolved this often
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach."""
+    return host in LOOPBACK or host.startswith("127.")
 
 
 # -- request and response bodies -------------------------------------------------------------------
@@ -85,6 +119,13 @@ _ADAPTER = Field(
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+
+    @model_validator(mode="after")
+    def _no_lone_surrogates(self) -> _Strict:
+        # JSON may spell a lone UTF-16 surrogate ("\ud800"); no tokenizer or answer can encode it.
+        if has_surrogate(self.model_dump()):
+            raise ValueError("text holds a lone UTF-16 surrogate (not a character)")
+        return self
 
 
 class ClassifyRequest(_Strict):
@@ -158,8 +199,10 @@ def problem_for(e: BaseException) -> HTTPProblem | None:
         return e
     if isinstance(e, BaseModelMismatch):  # before ValueError: it is one
         return HTTPProblem(409, str(e), expected=e.expected, found=e.found)
-    if isinstance(e, ArtifactError):
-        return HTTPProblem(500, f"the registry's artifact is unusable: {e}")
+    if isinstance(e, ArtifactError):  # its message names the reference, never the server's path
+        return HTTPProblem(422, str(e))
+    if isinstance(e, CacheFull):
+        return HTTPProblem(503, str(e), headers={"Retry-After": str(e.retry_after)})
     if isinstance(e, UnknownAdapter):
         return HTTPProblem(404, str(e))
     if isinstance(e, InputTooLong):
@@ -188,7 +231,15 @@ class Service:
         # One thread runs every forward pass and every change to the model: the model is never
         # changed under a running batch, and torch's own threads parallelise each forward.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterkit-model")
-        self.cache = AdapterCache(model, source, config.memory_budget, self.metrics)
+        self.cache = AdapterCache(
+            model,
+            source,
+            config.memory_budget,
+            self.metrics,
+            max_pinned=config.max_pinned,
+            negative_ttl_s=config.negative_ttl_s,
+            latest_ttl_s=config.latest_ttl_s,
+        )
         self.runner = ModelRunner(
             model,
             tokenizer,
@@ -311,6 +362,11 @@ def create_app(
     source: AdapterSource | None = None,
 ) -> FastAPI:
     """Build the app; loads the base model from ``config.base`` unless ``model`` and ``tokenizer`` are given."""
+    if not is_loopback(config.host) and not config.admin_token:
+        raise ValueError(
+            f"serving on {config.host} needs an admin token for loading and unloading adapters "
+            "(--admin-token or $ADAPTERKIT_ADMIN_TOKEN); without one, bind to 127.0.0.1"
+        )
     if model is None or tokenizer is None:
         model, tokenizer = load_base(config.base, config.model_kind)
     if source is None:
@@ -330,13 +386,38 @@ def create_app(
         title="adapterkit serve",
         description="Many bottleneck-adapter tasks on one base model; requests for any tasks share forward passes.",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
     app.state.service = service
     metrics = service.metrics
 
     @app.exception_handler(HTTPProblem)
     async def _problem(request: Request, e: HTTPProblem) -> JSONResponse:
-        return JSONResponse({"detail": e.detail, **e.extra}, status_code=e.status, headers=e.headers)
+        return SafeJSONResponse({"detail": e.detail, **e.extra}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input: megabytes back for a megabyte sent, and a 500 for
+        # input that cannot be encoded (a lone surrogate). Say where and what, never the input.
+        return SafeJSONResponse({"detail": validation_detail(e.errors())}, status_code=422)
+
+    limiter = FailedAuthLimiter()
+
+    def require_admin(request: Request) -> None:
+        """Loading and unloading need the admin token, when the server has one."""
+        if not config.admin_token:
+            return
+        client = client_address(request)
+        wait = limiter.blocked(client)
+        if wait:
+            raise HTTPProblem(429, "too many wrong admin tokens from this address", headers={"Retry-After": str(int(wait) + 1)})
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
+            return
+        if header:
+            limiter.failed(client)
+        raise HTTPProblem(401, "this endpoint needs 'Authorization: Bearer <admin token>'", headers={"WWW-Authenticate": "Bearer"})
 
     for exc in (
         BaseModelMismatch,
@@ -347,6 +428,7 @@ def create_app(
         QueueFull,
         AdapterBusy,
         SourceUnavailable,
+        CacheFull,
     ):
 
         async def _mapped(request: Request, e: Exception) -> JSONResponse:
@@ -356,6 +438,8 @@ def create_app(
 
         app.add_exception_handler(exc, _mapped)
 
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes, error_key="detail")
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics, metrics=metrics)
     # OpenAI-compatible generation by continuous batching (openai_api.py): /v1/completions,
     # /v1/chat/completions, /v1/models; its decode loop starts and drains with the app.
@@ -423,7 +507,8 @@ def create_app(
 
     @app.get("/v1/adapters", summary="Loaded adapters, least recently used first")
     async def list_adapters(
-        available: bool = Query(False, description="also list what the registry offers"),
+        request: Request,
+        available: bool = Query(False, description="also list what the registry offers (admin token)"),
     ) -> dict[str, Any]:
         out: dict[str, Any] = {
             "loaded": [e.info() for e in service.cache.loaded()],
@@ -431,21 +516,23 @@ def create_app(
             "budget_bytes": service.cache.budget_bytes,
         }
         if available:
+            require_admin(request)
             out["available"] = await asyncio.to_thread(service.cache.source.available)
         return out
 
-    @app.post("/v1/adapters", summary="Load an adapter now")
+    @app.post("/v1/adapters", summary="Load an adapter now (admin token)", dependencies=[Depends(require_admin)])
     async def load_adapter(body: LoadRequest) -> dict[str, Any]:
+        service.cache.forget_failure(body.adapter)  # an operator's explicit load tries again now
         entry = await service.pin(body.adapter)
         service.unpin(body.adapter)
         return {"loaded": True, **entry.info()}
 
-    @app.delete("/v1/adapters/{adapter:path}", summary="Unload an adapter")
+    @app.delete("/v1/adapters/{adapter:path}", summary="Unload an adapter (admin token)", dependencies=[Depends(require_admin)])
     async def unload_adapter(adapter: str) -> dict[str, Any]:
         try:
             await service.in_model_thread(service.cache.unload, adapter)
         except KeyError:
-            raise HTTPProblem(404, f"adapter {adapter!r} is not loaded") from None
+            raise HTTPProblem(404, f"adapter {adapter[:300]!r} is not loaded") from None
         return {"adapter": adapter, "unloaded": True}
 
     # -- operations ------------------------------------------------------------------------------

@@ -106,6 +106,21 @@ def register(subparsers: Any) -> None:
         "--graceful-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
     )
     p.add_argument("--log-level", default="info")
+    sec = p.add_argument_group("limits and access (docs/security.md)")
+    sec.add_argument(
+        "--admin-token",
+        default=None,
+        help="Bearer token for loading/unloading adapters (default: $ADAPTERKIT_ADMIN_TOKEN); "
+        "required unless --host is loopback",
+    )
+    sec.add_argument("--max-body-bytes", type=parse_size, default=1 << 20, help="largest request body (default 1MiB)")
+    sec.add_argument("--max-pinned", type=int, default=16, help="most distinct adapters in use at once (default 16)")
+    sec.add_argument(
+        "--negative-ttl", type=float, default=30.0, help="seconds a failed load is answered from memory (default 30)"
+    )
+    sec.add_argument(
+        "--latest-ttl", type=float, default=30.0, help="seconds before @latest / unversioned references are re-resolved (default 30)"
+    )
     ray = p.add_argument_group("Ray Serve (pip install 'adapterkit[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas, requests routed by adapter")
     ray.add_argument("--replicas", type=int, default=2, help="model replicas with --ray (default 2)")
@@ -141,6 +156,12 @@ def run(args: argparse.Namespace) -> int:
         split_overhead=args.split_overhead,
         max_new_tokens=args.max_new_tokens,
         registry_token=os.environ.get("ADAPTERKIT_TOKEN") or None,
+        host=args.host,
+        admin_token=args.admin_token or os.environ.get("ADAPTERKIT_ADMIN_TOKEN") or None,
+        max_body_bytes=args.max_body_bytes,
+        max_pinned=args.max_pinned,
+        negative_ttl_s=args.negative_ttl,
+        latest_ttl_s=args.latest_ttl,
     )
     if args.ray:
         from .ray_serve import serve_on_ray

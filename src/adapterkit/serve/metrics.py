@@ -165,6 +165,10 @@ class ServeMetrics:
         self.evictions = Counter(
             "adapterkit_adapter_evictions_total", "Adapters evicted to stay under the memory budget."
         )
+        self.load_failures_remembered = Counter(
+            "adapterkit_adapter_load_failures_remembered_total",
+            "Requests answered from the memory of a failed load, without loading again.",
+        )
         self.queue_depth.set(0)
         self.adapters_loaded.set(0)
         self.adapter_bytes.set(0)
