@@ -259,12 +259,16 @@ class AdapterCache:
         """Pin and return ``ref`` when it is loaded (marking it most recently used); None otherwise."""
         with self._lock:
             key = self._key(ref, time.monotonic())
-            entry = self._loaded.get(key) if key is not None else None
-            if entry is not None:
-                entry.pins += 1
-                self._loaded.move_to_end(key)
-                self._pinned_via.setdefault(ref, deque()).append(key)
-            return entry
+            return self._pin(key, ref) if key is not None else None
+
+    def _pin(self, key: str, ref: str) -> LoadedAdapter | None:
+        """Pin the entry ``key`` on behalf of ``ref``, when loaded. Lock held."""
+        entry = self._loaded.get(key)
+        if entry is not None:
+            entry.pins += 1
+            self._loaded.move_to_end(key)
+            self._pinned_via.setdefault(ref, deque()).append(key)
+        return entry
 
     def release(self, ref: str) -> bool:
         """Unpin; True when the cache is now over budget and ``trim`` should run (in the model thread)."""
@@ -331,7 +335,7 @@ class AdapterCache:
             self._aliases.move_to_end(ref)
             while len(self._aliases) > self.max_remembered:
                 self._aliases.popitem(last=False)
-        entry = self.acquire(ref)  # another spelling of a loaded version
+            entry = self._pin(key, ref)  # another spelling of a loaded version
         if entry is not None:
             return entry
         path = self.source.fetch(key)
