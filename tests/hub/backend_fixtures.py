@@ -34,6 +34,13 @@ def _once_per_ci_run() -> None:
         pytest.skip("PostgreSQL/S3 hub suites run once, in the transformers 5.x environment")
 
 
+def _need(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        _unavailable(RuntimeError(f"{module} is not installed (pip install 'adapterkit[{extra}]')"))
+
+
 def _unavailable(error: Exception) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"hub backend servers are required under CI: {error}")
@@ -43,6 +50,7 @@ def _unavailable(error: Exception) -> None:
 @pytest.fixture(scope="session")
 def dev_postgres() -> Iterator[DevPostgres]:
     _once_per_ci_run()
+    _need("psycopg", "hub-cluster")
     try:
         pg = DevPostgres().start()
     except DevServerError as e:
@@ -56,6 +64,7 @@ def dev_postgres() -> Iterator[DevPostgres]:
 @pytest.fixture(scope="session")
 def dev_s3() -> Iterator[DevSeaweedS3]:
     _once_per_ci_run()
+    _need("boto3", "hub-cluster")
     try:
         s3 = DevSeaweedS3().start()
     except DevServerError as e:
