@@ -210,3 +210,90 @@ def looks_labelled(data: TaskData, max_words: int = 4, min_share: float = 0.9) -
     responses = [e.text_pair or "" for e in data.examples]
     short = sum(1 for r in responses if 0 < len(r.split()) <= max_words)
     return bool(responses) and short / len(responses) >= min_share
+
+
+# -- evaluation inside training (``adapterkit train``) ---------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: Any,
+    name: str,
+    data: Any,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    dist: Any = None,
+    max_answer_tokens: int = 8,
+) -> dict[str, float]:
+    """Scores of adapter ``name`` on an encoded causal_lm split (``data.EncodedTask``):
+
+    ``loss`` (mean cross-entropy of the response tokens), ``perplexity``, ``token_accuracy`` (greedy
+    next-token hits on the response, teacher-forced) and, when every response is a short answer (at
+    most ``max_answer_tokens`` tokens), ``exact_match``: the greedy continuation of the prompt equals
+    the response token for token, including its end-of-sequence token. ``accuracy`` is exact match
+    when there is one, else token accuracy. Under DDP (``dist``) each process takes every N-th example
+    and the sums are reduced.
+    """
+    from .data import collate
+
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    items = [data[i] for i in range(rank, len(data), world)]
+    answers = [_answer(item) for item in data.items]  # the whole split: every process decides alike
+    short = bool(answers) and all(len(a[1]) <= max_answer_tokens for a in answers)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # nll, tokens, token hits, exact hits, rows
+    for start in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate(items[start : start + batch_size], data.pad_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch, adapter_names=[name] * labels.shape[0]).logits[:, :-1].float()  # (B, T-1, V)
+        target = labels[:, 1:]
+        keep = target != -100
+        sums[0] += F.cross_entropy(logits[keep], target[keep], reduction="sum").double()
+        sums[1] += keep.sum()
+        sums[2] += (logits.argmax(-1)[keep] == target[keep]).sum()
+    if short:
+        mine = [answers[i] for i in range(rank, len(data), world)]
+        for start in range(0, len(mine), batch_size):
+            group = mine[start : start + batch_size]
+            hits = _exact_hits(model, name, group, data.pad_id, device)
+            sums[3] += hits
+            sums[4] += len(group)
+    if dist is not None and world > 1:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    nll, tokens, token_hits, hits, rows = sums.tolist()
+    out = {
+        "loss": nll / max(tokens, 1),
+        "perplexity": math.exp(nll / tokens) if tokens else float("nan"),
+        "token_accuracy": token_hits / max(tokens, 1),
+    }
+    if short:
+        out["exact_match"] = hits / max(rows, 1)
+    out["accuracy"] = out.get("exact_match", out["token_accuracy"])
+    return out
+
+
+def _answer(item: dict[str, list[int]]) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of an encoded example: the response is where labels start."""
+    labels = item["labels"]
+    start = next((i for i, y in enumerate(labels) if y != -100), len(labels))
+    return item["input_ids"][:start], item["input_ids"][start:]
+
+
+def _exact_hits(model: Any, name: str, group: list[tuple[list[int], list[int]]], pad: int, device: torch.device) -> int:
+    width = max(len(p) for p, _ in group)
+    ids = torch.full((len(group), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, _) in enumerate(group):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    longest = max(len(a) for _, a in group)
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), adapter_names=[name] * len(group),
+        max_new_tokens=longest, do_sample=False, pad_token_id=pad, eos_token_id=None,
+    )
+    new = out[:, width:].tolist()
+    return sum(1 for (_, a), g in zip(group, new, strict=True) if g[: len(a)] == a)

@@ -82,6 +82,9 @@ def load_task(
     labels: Sequence[str] | None = None,
     split: str = "train",
     encoding: str = "utf-8",
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    messages_column: str = "messages",
 ) -> TaskData:
     """Read one split of a task.
 
@@ -96,7 +99,14 @@ def load_task(
             error. Default: the labels found here, sorted (numerically when all are integers).
         split: the split to read from a ``datasets`` dataset or dict.
         encoding: text encoding of CSV / TSV / JSON Lines files.
+        prompt_column, response_column, messages_column: for ``causal_lm`` (``causal_lm.load_lm_task``):
+            prompt/response pairs or chats, from a CSV / TSV / JSON Lines file.
     """
+    if task_type == "causal_lm":
+        from .causal_lm import load_lm_task
+
+        return load_lm_task(source, prompt_column=prompt_column, response_column=response_column,
+                            messages_column=messages_column, encoding=encoding)
     if task_type is not None and task_type not in TASK_TYPES:
         raise DataError(f"unknown task type {task_type!r}; expected one of {', '.join(TASK_TYPES)}")
     path = Path(source)
@@ -358,7 +368,12 @@ class EncodedTask(torch.utils.data.Dataset):
 
 
 def encode_example(example: Example, task_type: str, tokenizer: Any, max_length: int = 128) -> dict[str, Any]:
-    """Tokenise one example; for token tasks, a word's tag goes on its first sub-word, -100 elsewhere."""
+    """Tokenise one example; for token tasks, a word's tag goes on its first sub-word, -100 elsewhere;
+    for causal_lm, prompt + response with labels on the response only (``causal_lm.encode_lm_example``)."""
+    if task_type == "causal_lm":
+        from .causal_lm import encode_lm_example
+
+        return encode_lm_example(example, tokenizer, max_length)
     if task_type == "token_classification":
         enc = tokenizer(example.text, is_split_into_words=True, truncation=True, max_length=max_length)
         word_ids = enc.word_ids()

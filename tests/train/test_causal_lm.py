@@ -174,3 +174,34 @@ def test_training_an_adapter_teaches_the_answers(tiny_lm):
     fresh = ak.AdapterModel(AutoModelForCausalLM.from_pretrained(folder)).eval()
     fresh.load_adapter(path)
     assert generate_answers(fresh, tok, [r["prompt"] for r in test_rows], adapter="animals", max_new_tokens=2) == answers
+
+
+def test_adapterkit_train_causal_lm_from_a_chat_file(tmp_path, tiny_lm, capsys):
+    """``adapterkit train --task-type causal_lm`` on chat data: the loop, the evaluation (exact match of
+    the generated answers, perplexity) and the artifact, end to end; the server then answers with it."""
+    from adapterkit.cli import main
+
+    folder, tok = tiny_lm
+
+    def write(path, n, seed):
+        with open(path, "w", encoding="utf-8") as f:
+            for r in rows(n, seed):
+                f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                 {"role": "assistant", "content": r["response"]}]}) + "\n")
+        return path
+
+    train, val = write(tmp_path / "train.jsonl", 96, 1), write(tmp_path / "val.jsonl", 24, 2)
+    out = tmp_path / "runs" / "animals.safetensors"
+    argv = ["train", "--base", str(folder), "--data", str(train), "--validation", str(val), "--task", "animals",
+            "--task-type", "causal_lm", "--out", str(out), "--epochs", "8", "--batch-size", "16", "--lr", "1e-2",
+            "--bottleneck-size", "16", "--max-length", "32", "--no-progress", "--threads", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / "runs" / "animals.log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and {"val_exact_match", "val_perplexity", "val_token_accuracy"} <= set(log[0])
+    best = max(log, key=lambda h: h["val_accuracy"])
+    assert all(h["val_accuracy"] == h["val_exact_match"] for h in log)  # short answers: exact match scores
+    assert best["val_exact_match"] >= 0.5 and log[-1]["val_perplexity"] < log[0]["val_perplexity"] / 2
+    meta = ak.read_metadata(out)
+    assert meta["task"]["type"] == "causal_lm" and meta["metrics"]["val_exact_match"] == best["val_exact_match"]
+    code = main([*argv, "--metric", "macro_f1"])
+    assert code == 2 and "scored by accuracy" in capsys.readouterr().err

@@ -56,10 +56,13 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--kind", choices=KINDS, help="adapter kind (default: houlsby)")
     p.add_argument("--full", action="store_true", help="full fine-tuning (base + head) instead of an adapter; "
                    "also writes OUT.base.safetensors, the fine-tuned base weights the artifact belongs to")
-    p.add_argument("--task-type", choices=TASK_TYPES)
+    p.add_argument("--task-type", choices=(*TASK_TYPES, "causal_lm"))
     _data_columns(p)
     p.add_argument("--label-column", default="label")
     p.add_argument("--tags-column", default="tags")
+    p.add_argument("--prompt-column", default="prompt", help="causal_lm: the prompt")
+    p.add_argument("--response-column", default="response", help="causal_lm: the answer the loss is on")
+    p.add_argument("--messages-column", default="messages", help="causal_lm: a chat (rendered with the chat template)")
     p.add_argument("--validation-split", help="split to validate on, for datasets data (default: validation)")
     p.add_argument("--bottleneck-size", type=int, help="bottleneck width r (default: hidden size / 16)")
     p.add_argument("--reduction-factor", type=float)
@@ -218,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
             "label_column": args.label_column, "tokens_column": args.tokens_column, "tags_column": args.tags_column,
             "encoding": args.encoding, "split": args.split,
         }
+        if args.task_type == "causal_lm":
+            options.update(prompt_column=args.prompt_column, response_column=args.response_column,
+                           messages_column=args.messages_column)
         if args.validation_split:
             options["validation_split"] = args.validation_split
         result = train(

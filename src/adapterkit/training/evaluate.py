@@ -95,7 +95,13 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss, accuracy and macro-F1 of adapter ``name`` on ``data`` (tokens with label -100 ignored).
 
-    Under DDP each process takes every N-th example and the counts are summed across processes."""
+    Under DDP each process takes every N-th example and the counts are summed across processes.
+    causal_lm tasks get ``causal_lm.evaluate_lm``'s scores (exact match or token accuracy as
+    ``accuracy``, perplexity)."""
+    if data.task_type == "causal_lm":
+        from ..causal_lm import evaluate_lm
+
+        return evaluate_lm(model, name, data, batch_size=batch_size, device=device, dist=_dist)
     confusion, loss = confusion_and_loss(model, name, data, batch_size=batch_size, device=device, dist=_dist)
     out = metrics_from_confusion(confusion)
     out["loss"] = loss

@@ -35,15 +35,19 @@ def train(
     Without ``validation``, a seeded stratified ``validation_fraction`` of ``data`` is held out.
     ``data_options`` go to ``data.load_task`` (column names, task type, encoding...).
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     cfg = config or TrainConfig()
     train_data, validation_data = _load_splits(data, validation, validation_fraction, cfg.seed, data_options)
+    causal = train_data.task_type == "causal_lm"
+    if causal and cfg.metric != "accuracy":
+        raise ValueError("a causal_lm task is scored by accuracy (exact match of short answers, else token accuracy)")
+    auto = AutoModelForCausalLM if causal else AutoModel  # causal_lm trains through the LM's own head
     dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     # transformers' weight-loading bar is a progress bar too: shown only where ours would be
     with quiet_loading(not (cfg.progress and _stderr_is_terminal())):
         tokenizer = AutoTokenizer.from_pretrained(base)
-        base_model = AutoModel.from_pretrained(base, dtype=dtype) if dtype else AutoModel.from_pretrained(base)
+        base_model = auto.from_pretrained(base, dtype=dtype) if dtype else auto.from_pretrained(base)
     model = AdapterModel(base_model)
     if cfg.full:
         adapter = AdapterConfig(leave_out=list(range(model.num_layers)), train_layer_norms=False)

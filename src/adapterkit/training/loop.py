@@ -361,9 +361,8 @@ def _end_of_epoch(run: _Run) -> None:
         "epoch": epoch,
         "step": state["step"],
         "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
-        "val_loss": scores["loss"],
-        "val_accuracy": scores["accuracy"],
-        "val_macro_f1": scores["macro_f1"],
+        # val_loss, val_accuracy, val_macro_f1; causal_lm: val_perplexity, val_exact_match... instead of F1
+        **{f"val_{k}": v for k, v in scores.items()},
         "lr": run.scheduler.get_last_lr()[0],
         "epoch_seconds": state["epoch_seconds"][-1],
     }
@@ -379,8 +378,8 @@ def _end_of_epoch(run: _Run) -> None:
         write_plot(run.paths["plot"], state["history"], cfg.metric, title=run.name)
         run.progress.line(
             f"{run.name} epoch {epoch}/{cfg.epochs}: train_loss={record['train_loss']:.4f} "
-            f"val_loss={record['val_loss']:.4f} val_accuracy={record['val_accuracy']:.4f} "
-            f"val_macro_f1={record['val_macro_f1']:.4f} ({record['epoch_seconds']:.0f} s)"
+            + " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("val_"))
+            + f" ({record['epoch_seconds']:.0f} s)"
             + (" best" if improved else "")
         )
     state.update({"epoch": epoch, "skip": 0, "loss_sum": 0.0, "loss_count": 0})
