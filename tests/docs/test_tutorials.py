@@ -1,4 +1,6 @@
-"""Every ```python block in the docs runs, page by page, in order, as one script per page.
+"""Every ```python block in the tutorials (docs/tutorials/) runs, page by page, in order, as one
+script per page. (Guide pages elsewhere under docs/ may show fragments that need a server or a
+downloaded model; they are not run.)
 
 A block that cannot run on its own (a fragment) is preceded by the line ``<!-- no-run -->``; such
 blocks are listed here and kept few. Pages run on the real all-MiniLM-L6-v2 and tiny models built from
@@ -32,7 +34,7 @@ def python_blocks(page: pathlib.Path) -> list[tuple[int, str, bool]]:
 
 
 def pages() -> list[pathlib.Path]:
-    return sorted(p for p in DOCS.rglob("*.md") if any(runs for _, _, runs in python_blocks(p)))
+    return sorted(p for p in (DOCS / "tutorials").glob("*.md") if any(runs for _, _, runs in python_blocks(p)))
 
 
 def test_block_extraction_sees_fences_and_markers(tmp_path):
