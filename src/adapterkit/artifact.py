@@ -378,10 +378,19 @@ def check_size_caps(doc: dict[str, Any], hidden_size: int, where: str = "artifac
 
 
 def expected_shapes(
-    doc: dict[str, Any], hidden_size: int, norms_per_layer: list[int], pooling: str | None = "first"
+    doc: dict[str, Any],
+    hidden_size: int,
+    norms_per_layer: list[int],
+    pooling: str | None = "first",
+    dims_per_layer: list[dict[str, tuple[int, int]]] | None = None,
+    tensor_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of the adapter that ``doc`` describes, for a model with this hidden size
-    and these layer norms: the real modules, built on the ``meta`` device (no memory for weights)."""
+    and these layer norms: the real modules, built on the ``meta`` device (no memory for weights).
+
+    Kinds sized by the projection they act on (LoRA, IA3) need each position's (in, out) features:
+    ``dims_per_layer`` from the model (``AdapterModel``), or, without a model (the hub), read from the
+    file's own ``tensor_shapes`` by the kind's module (its rank and targets are still checked)."""
     from .config import AdapterConfig
     from .heads import HEAD_TYPES, build_head
     from .task_adapter import TaskAdapter  # the modules define the names and shapes; never restate them
@@ -398,8 +407,22 @@ def expected_shapes(
                 outputs = len(task.get("labels", []))
             spec = {"type": task["type"], "num_labels": outputs}
             head = build_head(spec, hidden_size, pooling or "first")
-        adapter = TaskAdapter(config, hidden_size, norms_per_layer, head=head, device="meta")
+        kind = config.kind_spec
+        if kind.sized_by_site and dims_per_layer is None:
+            dims_per_layer = _dims_from_tensors(kind.module, tensor_shapes or {}, len(norms_per_layer))
+        adapter = TaskAdapter(config, hidden_size, norms_per_layer, head=head, device="meta",
+                              dims_per_layer=dims_per_layer if kind.sized_by_site else None)
     return {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+
+
+def _dims_from_tensors(module: Any, shapes: dict[str, tuple[int, ...]], layers: int) -> list[dict[str, tuple[int, int]]]:
+    """Per layer: position -> (in, out), as the file's tensors ``layers.{i}.{position}.*`` show them."""
+    grouped: list[dict[str, dict[str, tuple[int, ...]]]] = [{} for _ in range(layers)]
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) < layers:
+            grouped[int(parts[1])].setdefault(parts[2], {})[parts[3]] = tuple(shape)
+    return [{p: module.dims_from_tensors(t) for p, t in per.items() if p != "norms"} for per in grouped]
 
 
 def check_shapes(header: Header, expected: dict[str, tuple[int, ...]], where: str = "artifact") -> None:
@@ -435,6 +458,7 @@ def check_artifact_shapes(
     pooling: str | None = "first",
     *,
     expected_base: dict[str, Any] | None = None,
+    dims_per_layer: list[dict[str, tuple[int, int]]] | None = None,
 ) -> dict[str, Any]:
     """Check an artifact from its header alone, for a model of these dimensions; return its metadata.
 
@@ -451,7 +475,7 @@ def check_artifact_shapes(
     if len(norms_per_layer) > MAX_LAYERS:
         raise ArtifactError(f"{where}: {len(norms_per_layer)} layers; at most {MAX_LAYERS} are accepted")
     try:
-        expected = expected_shapes(doc, hidden_size, norms_per_layer, pooling)
+        expected = expected_shapes(doc, hidden_size, norms_per_layer, pooling, dims_per_layer=dims_per_layer)
     except (ValueError, TypeError, KeyError) as e:
         raise ArtifactError(f"{where}: metadata describes no buildable adapter: {e}") from None
     check_shapes(header, expected, where)

@@ -40,7 +40,7 @@ from .config import AdapterConfig
 from .heads import HEAD_TYPES, HEADLESS_TYPES, build_head, head_loss
 from .kinds import POSITIONS
 from .routing import NO_ADAPTERS, NoAdapters, Route, current_route, routed
-from .sites import SiteSpec, find_layers, guess_sites, sites_for
+from .sites import SiteSpec, UnknownArchitecture, find_layers, guess_sites, sites_for
 from .stacks import StackStore
 from .task_adapter import TaskAdapter
 
@@ -347,6 +347,21 @@ class AdapterModel(nn.Module):
         )
         self._attach_hooks(positions)
         return adapter
+
+    def _all_site_dims(self) -> list[dict[str, tuple[int, int]]]:
+        """Per layer: every position this architecture has -> (in, out) of its projection."""
+        out = []
+        for ls in self.layer_sites:
+            per_layer = {}
+            for position, where in POSITIONS.items():
+                try:
+                    size = ls.dims(where.output)
+                except UnknownArchitecture:  # not a linear projection (a custom SiteSpec): no sized kinds there
+                    size = None
+                if size is not None:
+                    per_layer[position] = size
+            out.append(per_layer)
+        return out
 
     def _site_dims(self, kind: str, positions: Sequence[str]) -> list[dict[str, tuple[int, int]]]:
         """Per layer: position -> (in, out) features of the projection there; a clear error where this
@@ -699,6 +714,7 @@ class AdapterModel(nn.Module):
             [len(ls.norms) for ls in self.layer_sites],
             self.sites.pooling,
             expected_base=self.fingerprint() if check_base else None,
+            dims_per_layer=self._all_site_dims(),
         )
         artifact = read_artifact(path)
         meta = artifact.metadata

@@ -185,3 +185,26 @@ def test_lora_trains_only_its_own_matrices():
     assert len(grads) == 8 and all(n.startswith("adapters.a.") for n in grads)
     # at init B = 0: B learns first (its gradient is nonzero), A's gradient is exactly zero
     assert all((g.abs().sum() > 0) == n.endswith(".B") for n, g in grads.items())
+
+
+def test_hub_publishes_searches_and_serves_each_kind(tmp_path):
+    """The hub checks a LoRA / IA3 artifact without a model (projection sizes read from the file),
+    searches by kind, and what it serves loads exactly."""
+    from adapterkit.hub import LocalRegistry
+
+    model = AdapterModel(tiny_model("llama"))  # grouped-query k, v: the sizes differ per projection
+    model.add_adapter("lo", AdapterConfig("lora", bottleneck_size=3, targets=["q", "k", "down"]))
+    model.add_adapter("ia", AdapterConfig("ia3"))
+    model.add_adapter("ho", AdapterConfig("houlsby", bottleneck_size=4))
+    _perturb(model)
+    model.eval()
+    reg = LocalRegistry(tmp_path / "hub")
+    for name in ("lo", "ia", "ho"):
+        reg.publish(model.save_adapter(name, tmp_path / f"{name}.safetensors"), f"team/{name}")
+    assert [v.adapter for v in reg.search(kind="lora")] == ["team/lo"]
+    assert [v.adapter for v in reg.search(kind="ia3")] == ["team/ia"]
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        for name in ("lo", "ia"):
+            again = model.load_adapter(reg.download(f"team/{name}"), name=f"{name}2")
+            assert torch.equal(model(**inputs, adapter_names=again).logits, model(**inputs, adapter_names=name).logits)

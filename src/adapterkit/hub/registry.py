@@ -300,7 +300,8 @@ def check_header_shapes(header: Header, doc: dict[str, Any], label: str = "uploa
         raise InvalidArtifact(f"{label}: tensors for {layers} layers; at most {MAX_LAYERS} are accepted")
     check_size_caps(doc, hidden, label)
     try:
-        expected = expected_shapes(doc, hidden, [norms.get(i, 0) for i in range(layers)])
+        expected = expected_shapes(doc, hidden, [norms.get(i, 0) for i in range(layers)],
+                                   tensor_shapes={k: tuple(t.shape) for k, t in header.tensors.items()})
     except (ValueError, TypeError, KeyError) as e:
         raise InvalidArtifact(f"{label}: metadata describes no buildable adapter: {e}") from None
     check_shapes(header, expected, label)

@@ -44,6 +44,13 @@ class IA3Site(SiteModule):
         self.l = nn.Parameter(torch.ones(dims[0] if self.on_input else dims[1], **factory))
         self.merged = False
 
+    @staticmethod
+    def dims_from_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+        """(n, n) from a file's vector ``l`` (n,): only its length is known without the model."""
+        n = shapes.get("l", ())
+        size = n[0] if len(n) == 1 else 0
+        return size, size
+
     @property
     def params(self) -> tuple[torch.Tensor, ...]:
         return (self._parameters["l"],)

@@ -59,6 +59,13 @@ class LoraSite(SiteModule):
         self.dropout = config.dropout
         self.merged = False  # set by AdapterModel.merge_adapter: the update is in the base weights
 
+    @staticmethod
+    def dims_from_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+        """(in, out) as a file's ``A`` (r, in) and ``B`` (out, r) show them (0 where absent or malformed:
+        the shape check then names the tensor)."""
+        a, b = shapes.get("A", ()), shapes.get("B", ())
+        return (a[1] if len(a) == 2 else 0), (b[0] if len(b) == 2 else 0)
+
     @property
     def params(self) -> tuple[torch.Tensor, ...]:
         p = self._parameters
