@@ -40,7 +40,18 @@ from .config import AdapterConfig
 from .heads import HEAD_TYPES, HEADLESS_TYPES, build_head, head_loss
 from .kinds import POSITIONS
 from .routing import NO_ADAPTERS, NoAdapters, Route, current_route, routed
-from .sites import SiteSpec, UnknownArchitecture, find_layers, guess_sites, sites_for
+from .site_check import verify_sites, warn_if_no_norms
+from .sites import (
+    SiteSpec,
+    UnknownArchitecture,
+    apply_at_site,
+    backbone,
+    describe_sites,
+    find_layers,
+    guess_sites,
+    probe_weight,
+    sites_for,
+)
 from .stacks import StackStore
 from .task_adapter import TaskAdapter
 
@@ -108,9 +119,11 @@ class _RoutedNorm:
         per_row = route.norm_affine(self.layer, self.index, x.dtype, x.device)
         if per_row is None:
             return self.original(x, *args, **kwargs)
-        scale, shift = (route.expand(t, x.shape[0]) for t in per_row)  # (B, 1, d)
+        scale, shift = per_row  # (B, 1, d)
         shape = x.shape
-        y = self.original(x, *args, **kwargs).reshape(shape[0], -1, shape[-1])
+        # (B, T', d): each row's tokens are one contiguous block, whether the batch leads (B·beams, T, d)
+        # or tokens are flattened (B·T, d) (site_check verifies one of the two)
+        y = self.original(x, *args, **kwargs).reshape(scale.shape[0], -1, shape[-1])
         if self.is_layer_norm and not torch.is_grad_enabled():  # y is a fresh buffer: reuse it
             return torch.addcmul(shift, y, scale, out=y).reshape(shape)
         return torch.addcmul(shift, y, scale).reshape(shape)
@@ -152,9 +165,11 @@ class AdapterModel(nn.Module):
             Its parameters are frozen by ``train_adapter``; its code is not touched.
         sites: a ``SiteSpec`` for an architecture the table lacks, or ``"guess"`` to try the known
             rows' module names on it; default: the table row of ``base.config.model_type``.
+        verify: run one dry forward pass that checks every site's layout (``site_check.py``); turn it
+            off only for models whose inputs adapterkit cannot make up or whose weights are not loaded.
     """
 
-    def __init__(self, base: nn.Module, sites: SiteSpec | str | None = None):
+    def __init__(self, base: nn.Module, sites: SiteSpec | str | None = None, verify: bool = True):
         super().__init__()
         self.base = base
         if isinstance(sites, SiteSpec):
@@ -167,6 +182,8 @@ class AdapterModel(nn.Module):
             raise ValueError(f"sites must be a SiteSpec, 'guess' or None; got {sites!r}")
         self.layer_sites = find_layers(base, self.sites)
         self.hidden_size = _hidden_size(base.config)
+        if verify:
+            verify_sites(base, self.sites, self.layer_sites, self.hidden_size)
         self.adapters = _AdapterDict()
         self._active: Route | None = None
         self._stacks = StackStore()  # mixed batches' per-site weight stacks, kept across calls
@@ -193,14 +210,14 @@ class AdapterModel(nn.Module):
         without hooks runs torch's fast call path, and most models never use most positions."""
         me = weakref.ref(self)  # hooks must not keep the model alive
 
-        def site_hook(layer: int, position: str, part: slice | None):
+        def site_hook(layer: int, position: str, part: slice | None, flat: bool):
             def hook(module: nn.Module, args: tuple, out: torch.Tensor):
                 owner = me()
                 route = owner._route() if owner is not None else None
                 if route is None:
                     return None
-                if part is None:
-                    return route.apply_site(layer, position, out)
+                if part is None:  # (tuple outputs and flattened tokens: see apply_at_site)
+                    return apply_at_site(route, layer, position, out, flat)
                 # a fused projection (GPT-2's c_attn): this position owns its part of the output
                 view = out[..., part]
                 new = route.apply_site(layer, position, view)
@@ -213,11 +230,11 @@ class AdapterModel(nn.Module):
 
             return hook
 
-        def rewrite_hook(layer: int, position: str):
+        def rewrite_hook(layer: int, position: str, flat: bool):
             def hook(module: nn.Module, args: tuple):
                 owner = me()
                 route = owner._route() if owner is not None else None
-                new = None if route is None else route.apply_site(layer, position, args[0])
+                new = None if route is None else apply_at_site(route, layer, position, args[0], flat)
                 return None if new is None else (new, *args[1:])
 
             return hook
@@ -239,10 +256,10 @@ class AdapterModel(nn.Module):
                 if target is None:  # an optional role this layer lacks (a gate in a plain FFN)
                     continue
                 if where.acts_on == "input":
-                    self._handles.append(target.register_forward_pre_hook(rewrite_hook(ls.index, position)))
+                    self._handles.append(target.register_forward_pre_hook(rewrite_hook(ls.index, position, where.output in ls.flat)))
                 else:
                     part = ls.slices.get(where.output)
-                    self._handles.append(target.register_forward_hook(site_hook(ls.index, position, part)))
+                    self._handles.append(target.register_forward_hook(site_hook(ls.index, position, part, where.output in ls.flat)))
                 feeder = None if where.input is None else getattr(ls, where.input)
                 if feeder is not None:
                     self._handles.append(feeder.register_forward_pre_hook(capture_hook(ls.index, position)))
@@ -298,6 +315,10 @@ class AdapterModel(nn.Module):
     @property
     def num_layers(self) -> int:
         return len(self.layer_sites)
+
+    def sites_report(self) -> str:
+        """Where adapters attach: how the sites were chosen, and each layer's modules and norms."""
+        return describe_sites(self.base.config.model_type, self.sites, self.layer_sites)
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or name.strip() != name or any(c in _NAME_FORBIDDEN for c in name):
@@ -403,6 +424,7 @@ class AdapterModel(nn.Module):
         self._check_new_name(name)
         task_type = head or ("lm" if hasattr(self.base, "generate") and self.base.can_generate() else "none")
         adapter = self._build(config or AdapterConfig(), task_type, list(labels), head_dropout, dtype)
+        warn_if_no_norms(self.layer_sites, adapter.config.train_layer_norms, adapter.config.kind)
         adapter.train(self.training)
         self.adapters[name] = adapter
         return adapter
@@ -597,7 +619,7 @@ class AdapterModel(nn.Module):
                 if labels is not None:
                     inputs["labels"] = labels
                 return self.base(**inputs)
-            hidden = self.base.base_model(**inputs).last_hidden_state  # (B, T, d)
+            hidden = backbone(self.base)(**inputs).last_hidden_state  # (B, T, d)
             logits = _apply_heads(names, hidden, attention_mask)
         loss = head_loss(logits, labels) if labels is not None else None
         return AdapterOutput(loss=loss, logits=logits, last_hidden_state=hidden)
@@ -656,7 +678,7 @@ class AdapterModel(nn.Module):
         """The base model's fingerprint (see artifact.base_fingerprint) from its weights as they are now:
         not cached, since full fine-tuning changes them between saves (and it costs a strided sample)."""
         first, last = self.layer_sites[0], self.layer_sites[-1]
-        probes = [self.base.get_input_embeddings().weight, first.attn_out.weight, last.ffn_out.weight]
+        probes = [probe_weight(m) for m in (self.base.get_input_embeddings(), first.attn_out, last.ffn_out)]
         return base_fingerprint(self.base, probes)
 
     def save_adapter(

@@ -8,10 +8,17 @@ tuple of candidates, because transformers renames modules between releases (ViT'
   models the decoder's layers are numbered after the encoder's.
 - ``attn_out``: the attention block's output projection (serial adapters act on its output).
 - ``ffn_in``: the module whose first input is the feed-forward block's input (feeds parallel adapters).
-- ``ffn_out``: the feed-forward block's output projection.
+- ``ffn_out``: the feed-forward block's output projection (or the whole block, for mixtures of
+  experts: the adapter acts on the block's combined output, never inside one expert).
 - ``norms``: the layer's norms (every candidate that exists is used), whose affines a task may train.
 - ``pooling``: which token a sequence-classification head reads: ``first`` (encoders, [CLS]),
   ``last`` (decoders: the last non-padding token) or ``None`` (no classification heads).
+- ``flat``: the modules of the row that see the batch's tokens flattened to ``(B·T, d)`` (OPT's FFN),
+  rather than ``(B, T, d)``. Their rows are contiguous blocks of tokens, so a mixed batch views them
+  as ``(B, T, d)``; anything not declared here must lead with the batch (``site_check`` verifies it).
+- ``shared``: each layer of ``layers`` runs several times per forward pass (ALBERT's one shared
+  layer). adapterkit then puts one adapter on the shared layer, applied at every depth it runs, just
+  as ALBERT shares the layer's own weights; there are no per-depth adapters on a shared layer.
 
 Optional roles, for the kinds that act on projections inside a sublayer (LoRA, IA3); a row without
 them still serves the bottleneck kinds, and a kind that targets a role the row lacks says so:
@@ -22,22 +29,32 @@ them still serves the bottleneck kinds, and a kind that targets a role the row l
 - ``ffn_up``: the FFN's input projection (``up_proj`` of a gated FFN); ``ffn_gate``: its gate
   projection, where the FFN is gated.
 
-Adding an architecture is one more row; ``tests/test_sites.py`` checks every row on a tiny model.
+Adding an architecture is one more row; ``tests/core/test_architectures.py`` checks every row on a
+tiny model under both supported transformers versions, and ``docs/architectures.md`` is generated
+from this table (``python -m adapterkit.sites``).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 SITES_VERSION = 1
+
+# Optional roles (see the module docstring): resolved when the row names them, else None.
+PROJECTION_ROLES = ("attn_q", "attn_k", "attn_v", "ffn_up", "ffn_gate")
 
 
 @dataclass(frozen=True)
 class SiteSpec:
+    """Module names of one architecture's layers (see the module docstring for each field)."""
+
     layers: tuple[str, ...]
     attn_out: tuple[str, ...]
     ffn_in: tuple[str, ...]
@@ -50,6 +67,41 @@ class SiteSpec:
     attn_qkv: tuple[str, ...] = ()
     ffn_up: tuple[str, ...] = ()
     ffn_gate: tuple[str, ...] = ()
+    flat: tuple[str, ...] = ()
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        for f in ("layers", "attn_out", "ffn_in", "ffn_out", "norms", "flat", *PROJECTION_ROLES, "attn_qkv"):
+            value = getattr(self, f)
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, tuple | list) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"SiteSpec.{f} must be a list of module names; got {value!r}")
+            object.__setattr__(self, f, tuple(value))
+        for f in ("layers", "attn_out", "ffn_in", "ffn_out"):
+            if not getattr(self, f):
+                raise ValueError(f"SiteSpec.{f} needs at least one module name")
+        if self.pooling not in ("first", "last", None):
+            raise ValueError(f"SiteSpec.pooling must be 'first', 'last' or null; got {self.pooling!r}")
+        if not isinstance(self.shared, bool):
+            raise ValueError(f"SiteSpec.shared must be true or false; got {self.shared!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SiteSpec:
+        """Build from a JSON object; unknown keys are an error, not ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a SiteSpec must be a JSON object; got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SiteSpec key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        missing = sorted(k for k in ("layers", "attn_out", "ffn_in", "ffn_out", "norms") if k not in data)
+        if missing:
+            raise ValueError(f"SiteSpec is missing {', '.join(missing)}")
+        return cls(**data)
 
 
 _BERT_LIKE = SiteSpec(
@@ -58,10 +110,10 @@ _BERT_LIKE = SiteSpec(
     ffn_in=("intermediate",),
     ffn_out=("output.dense",),
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
-    attn_q=("attention.self.query", "attention.self.query_proj"),  # deberta-v2: *_proj
-    attn_k=("attention.self.key", "attention.self.key_proj"),
-    attn_v=("attention.self.value", "attention.self.value_proj"),
-    ffn_up=("intermediate.dense",),
+    attn_q=('attention.self.query', 'attention.self.query_proj'),
+    attn_k=('attention.self.key', 'attention.self.key_proj'),
+    attn_v=('attention.self.value', 'attention.self.value_proj'),
+    ffn_up=('intermediate.dense',),
 )
 _LLAMA_LIKE = SiteSpec(
     layers=("layers",),
@@ -70,29 +122,188 @@ _LLAMA_LIKE = SiteSpec(
     ffn_out=("mlp.down_proj",),
     norms=("input_layernorm", "post_attention_layernorm"),
     pooling="last",
-    attn_q=("self_attn.q_proj",),
-    attn_k=("self_attn.k_proj",),
-    attn_v=("self_attn.v_proj",),
-    ffn_up=("mlp.up_proj",),
-    ffn_gate=("mlp.gate_proj",),
+    attn_q=('self_attn.q_proj',),
+    attn_k=('self_attn.k_proj',),
+    attn_v=('self_attn.v_proj',),
+    ffn_up=('mlp.up_proj',),
+    ffn_gate=('mlp.gate_proj',),
+)
+# Gemma 2 / 3 norm the attention and FFN outputs too, before their residual adds.
+_GEMMA2_LIKE = SiteSpec(
+    layers=("layers",),
+    attn_out=("self_attn.o_proj",),
+    ffn_in=("mlp",),
+    ffn_out=("mlp.down_proj",),
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    pooling="last",
+    attn_q=('self_attn.q_proj',),
+    attn_k=('self_attn.k_proj',),
+    attn_v=('self_attn.v_proj',),
+    ffn_up=('mlp.up_proj',),
+    ffn_gate=('mlp.gate_proj',),
+)
+# Mixtures of experts: the adapter sits on the whole sparse block's output (B, T, d); inside, each
+# expert sees only the tokens routed to it. 4.57 names Mixtral's block ``block_sparse_moe``.
+_MOE_LIKE = SiteSpec(
+    layers=("layers",),
+    attn_out=("self_attn.o_proj",),
+    ffn_in=("mlp", "block_sparse_moe"),
+    ffn_out=("mlp", "block_sparse_moe"),
+    norms=("input_layernorm", "post_attention_layernorm"),
+    pooling="last",
+    attn_q=('self_attn.q_proj',),
+    attn_k=('self_attn.k_proj',),
+    attn_v=('self_attn.v_proj',),
+)
+_GPT2_LIKE = SiteSpec(
+    layers=("h",),
+    attn_out=("attn.c_proj",),
+    ffn_in=("mlp",),
+    ffn_out=("mlp.c_proj",),
+    norms=("ln_1", "ln_2"),
+    pooling="last",
+    attn_qkv=('attn.c_attn',),
+    ffn_up=('mlp.c_fc',),
+)
+# Attention and FFN in parallel off one norm (GPT-J, CodeGen).
+_GPTJ_LIKE = SiteSpec(
+    layers=("h",),
+    attn_out=("attn.out_proj",),
+    ffn_in=("mlp",),
+    ffn_out=("mlp.fc_out",),
+    norms=("ln_1",),
+    pooling="last",
+    attn_q=('attn.q_proj',),
+    attn_k=('attn.k_proj',),
+    attn_v=('attn.v_proj',),
+    ffn_up=('mlp.fc_in',),
+)
+_BLOOM_LIKE = SiteSpec(
+    layers=("h",),
+    attn_out=("self_attention.dense",),
+    ffn_in=("mlp",),
+    ffn_out=("mlp.dense_4h_to_h",),
+    norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),  # Falcon: ln_attn / ln_mlp
+    pooling="last",
+    ffn_up=('mlp.dense_h_to_4h',),
+)
+_BART_LIKE = SiteSpec(
+    layers=("encoder.layers", "decoder.layers"),
+    attn_out=("self_attn.out_proj",),
+    ffn_in=("fc1",),
+    ffn_out=("fc2",),
+    norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
+    pooling=None,
+    attn_q=('self_attn.q_proj',),
+    attn_k=('self_attn.k_proj',),
+    attn_v=('self_attn.v_proj',),
+    ffn_up=('fc1',),
+)
+_XGLM_LIKE = SiteSpec(  # BART's decoder layer, alone
+    layers=("layers",),
+    attn_out=("self_attn.out_proj",),
+    ffn_in=("fc1",),
+    ffn_out=("fc2",),
+    norms=("self_attn_layer_norm", "final_layer_norm"),
+    pooling="last",
+    attn_q=('self_attn.q_proj',),
+    attn_k=('self_attn.k_proj',),
+    attn_v=('self_attn.v_proj',),
+    ffn_up=('fc1',),
+)
+_T5_LIKE = SiteSpec(
+    layers=("encoder.block", "decoder.block"),
+    attn_out=("layer.0.SelfAttention.o", "layer.0.LocalSelfAttention.o", "layer.0.TransientGlobalSelfAttention.o"),
+    ffn_in=("layer.2.DenseReluDense", "layer.1.DenseReluDense"),  # decoder first: it has 3 sublayers
+    ffn_out=("layer.2.DenseReluDense.wo", "layer.1.DenseReluDense.wo"),
+    norms=("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm"),
+    pooling=None,
+    attn_q=("layer.0.SelfAttention.q",),
+    attn_k=("layer.0.SelfAttention.k",),
+    attn_v=("layer.0.SelfAttention.v",),
+    # decoder blocks first (their FFN is layer.2); gated FFNs (T5 v1.1): wi_1 is up, wi_0 the gate
+    ffn_up=("layer.2.DenseReluDense.wi", "layer.1.DenseReluDense.wi",
+            "layer.2.DenseReluDense.wi_1", "layer.1.DenseReluDense.wi_1"),
+    ffn_gate=("layer.2.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_0"),
+)
+_VIT_LIKE = SiteSpec(
+    layers=("encoder.layer", "layers"),  # 4.57: encoder.layer; 5.x: layers
+    attn_out=("attention.output.dense", "attention.o_proj"),
+    ffn_in=("intermediate", "mlp"),
+    ffn_out=("output.dense", "mlp.fc2"),
+    norms=("layernorm_before", "layernorm_after"),
+    attn_q=('attention.attention.query', 'attention.q_proj'),
+    attn_k=('attention.attention.key', 'attention.k_proj'),
+    attn_v=('attention.attention.value', 'attention.v_proj'),
+    ffn_up=('intermediate.dense', 'mlp.fc1'),
+)
+_CLIP_LIKE = SiteSpec(
+    layers=("encoder.layers",),
+    attn_out=("self_attn.out_proj",),
+    ffn_in=("mlp",),
+    ffn_out=("mlp.fc2",),
+    norms=("layer_norm1", "layer_norm2"),
+    attn_q=('self_attn.q_proj',),
+    attn_k=('self_attn.k_proj',),
+    attn_v=('self_attn.v_proj',),
+    ffn_up=('mlp.fc1',),
 )
 
 SITES: dict[str, SiteSpec] = {
+    # BERT family (post-norm encoders)
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "data2vec-text": _BERT_LIKE,
+    "ernie": _BERT_LIKE,
     "electra": _BERT_LIKE,
+    "rembert": _BERT_LIKE,
+    "deberta": _BERT_LIKE,
     "deberta-v2": _BERT_LIKE,
+    "roberta-prelayernorm": SiteSpec(
+        layers=("encoder.layer",),
+        attn_out=("attention.output.dense",),
+        ffn_in=("intermediate.dense",),  # its input is the FFN's normed input (the LN is inside `intermediate`)
+        ffn_out=("output.dense",),
+        norms=("attention.LayerNorm", "intermediate.LayerNorm"),
+        attn_q=('attention.self.query', 'attention.self.query_proj'),
+        attn_k=('attention.self.key', 'attention.self.key_proj'),
+        attn_v=('attention.self.value', 'attention.self.value_proj'),
+        ffn_up=('intermediate.dense',),
+    ),
+    "xlm-roberta-xl": SiteSpec(
+        layers=("encoder.layer",),
+        attn_out=("attention.output.dense",),
+        ffn_in=("intermediate",),
+        ffn_out=("output.dense",),
+        norms=("attention.self_attn_layer_norm", "LayerNorm"),
+        attn_q=('attention.self.query', 'attention.self.query_proj'),
+        attn_k=('attention.self.key', 'attention.self.key_proj'),
+        attn_v=('attention.self.value', 'attention.self.value_proj'),
+        ffn_up=('intermediate.dense',),
+    ),
+    "megatron-bert": SiteSpec(
+        layers=("encoder.layer",),
+        attn_out=("attention.output.dense",),
+        ffn_in=("intermediate",),
+        ffn_out=("output.dense",),
+        norms=("attention.ln", "ln"),
+        attn_q=('attention.self.query', 'attention.self.query_proj'),
+        attn_k=('attention.self.key', 'attention.self.key_proj'),
+        attn_v=('attention.self.value', 'attention.self.value_proj'),
+        ffn_up=('intermediate.dense',),
+    ),
     "distilbert": SiteSpec(
         layers=("transformer.layer",),
         attn_out=("attention.out_lin",),
         ffn_in=("ffn",),
         ffn_out=("ffn.lin2",),
         norms=("sa_layer_norm", "output_layer_norm"),
-        attn_q=("attention.q_lin",),
-        attn_k=("attention.k_lin",),
-        attn_v=("attention.v_lin",),
-        ffn_up=("ffn.lin1",),
+        attn_q=('attention.q_lin',),
+        attn_k=('attention.k_lin',),
+        attn_v=('attention.v_lin',),
+        ffn_up=('ffn.lin1',),
     ),
     "mpnet": SiteSpec(
         layers=("encoder.layer",),
@@ -100,67 +311,171 @@ SITES: dict[str, SiteSpec] = {
         ffn_in=("intermediate",),
         ffn_out=("output.dense",),
         norms=("attention.LayerNorm", "output.LayerNorm"),
-        attn_q=("attention.attn.q",),
-        attn_k=("attention.attn.k",),
-        attn_v=("attention.attn.v",),
-        ffn_up=("intermediate.dense",),
+        attn_q=('attention.attn.q',),
+        attn_k=('attention.attn.k',),
+        attn_v=('attention.attn.v',),
+        ffn_up=('intermediate.dense',),
     ),
-    "gpt2": SiteSpec(
+    "albert": SiteSpec(
+        layers=("albert_layers",),
+        attn_out=("attention.dense",),
+        ffn_in=("ffn",),
+        ffn_out=("ffn_output",),
+        norms=("attention.LayerNorm", "full_layer_layer_norm"),
+        shared=True,
+        attn_q=('attention.query',),
+        attn_k=('attention.key',),
+        attn_v=('attention.value',),
+        ffn_up=('ffn',),
+    ),
+    "modernbert": SiteSpec(
+        layers=("layers",),
+        attn_out=("attn.Wo",),
+        ffn_in=("mlp",),
+        ffn_out=("mlp.Wo",),
+        norms=("attn_norm", "mlp_norm"),  # layer 0's attn_norm is an Identity: skipped
+        attn_qkv=('attn.Wqkv',),
+    ),
+    # decoders
+    "gpt2": _GPT2_LIKE,
+    "gpt_bigcode": _GPT2_LIKE,
+    "gpt_neo": SiteSpec(
         layers=("h",),
-        attn_out=("attn.c_proj",),
+        attn_out=("attn.attention.out_proj",),
         ffn_in=("mlp",),
         ffn_out=("mlp.c_proj",),
         norms=("ln_1", "ln_2"),
         pooling="last",
-        attn_qkv=("attn.c_attn",),
-        ffn_up=("mlp.c_fc",),
+        attn_q=('attn.attention.q_proj',),
+        attn_k=('attn.attention.k_proj',),
+        attn_v=('attn.attention.v_proj',),
+        ffn_up=('mlp.c_fc',),
     ),
+    "gptj": _GPTJ_LIKE,
+    "codegen": _GPTJ_LIKE,
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "t5": SiteSpec(
-        layers=("encoder.block", "decoder.block"),
-        attn_out=("layer.0.SelfAttention.o",),
-        ffn_in=("layer.2.DenseReluDense", "layer.1.DenseReluDense"),  # decoder first: it has 3 sublayers
-        ffn_out=("layer.2.DenseReluDense.wo", "layer.1.DenseReluDense.wo"),
-        norms=("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm"),
-        pooling=None,
-        attn_q=("layer.0.SelfAttention.q",),
-        attn_k=("layer.0.SelfAttention.k",),
-        attn_v=("layer.0.SelfAttention.v",),
-        # decoder blocks first (their FFN is layer.2); gated FFNs (T5 v1.1): wi_1 is up, wi_0 the gate
-        ffn_up=("layer.2.DenseReluDense.wi", "layer.1.DenseReluDense.wi",
-                "layer.2.DenseReluDense.wi_1", "layer.1.DenseReluDense.wi_1"),
-        ffn_gate=("layer.2.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_0"),
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "helium": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,  # one norm: attention and FFN run in parallel off it
+    "olmo2": SiteSpec(  # OLMo 2 norms the sublayers' outputs, not their inputs
+        layers=("layers",),
+        attn_out=("self_attn.o_proj",),
+        ffn_in=("mlp",),
+        ffn_out=("mlp.down_proj",),
+        norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        pooling="last",
+        attn_q=('self_attn.q_proj',),
+        attn_k=('self_attn.k_proj',),
+        attn_v=('self_attn.v_proj',),
+        ffn_up=('mlp.up_proj',),
+        ffn_gate=('mlp.gate_proj',),
     ),
-    "bart": SiteSpec(
-        layers=("encoder.layers", "decoder.layers"),
+    "starcoder2": SiteSpec(
+        layers=("layers",),
+        attn_out=("self_attn.o_proj",),
+        ffn_in=("mlp",),
+        ffn_out=("mlp.c_proj",),
+        norms=("input_layernorm", "post_attention_layernorm"),
+        pooling="last",
+        attn_q=('self_attn.q_proj',),
+        attn_k=('self_attn.k_proj',),
+        attn_v=('self_attn.v_proj',),
+        ffn_up=('mlp.c_fc',),
+    ),
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
+    "mixtral": _MOE_LIKE,
+    "qwen2_moe": _MOE_LIKE,
+    "qwen3_moe": _MOE_LIKE,
+    "olmoe": _MOE_LIKE,
+    "phi": SiteSpec(
+        layers=("layers",),
+        attn_out=("self_attn.dense",),
+        ffn_in=("mlp",),
+        ffn_out=("mlp.fc2",),
+        norms=("input_layernorm",),
+        pooling="last",
+        attn_q=('self_attn.q_proj',),
+        attn_k=('self_attn.k_proj',),
+        attn_v=('self_attn.v_proj',),
+        ffn_up=('mlp.fc1',),
+    ),
+    "gpt_neox": SiteSpec(
+        layers=("layers",),
+        attn_out=("attention.dense",),
+        ffn_in=("mlp",),
+        ffn_out=("mlp.dense_4h_to_h",),
+        norms=("input_layernorm", "post_attention_layernorm"),
+        pooling="last",
+        ffn_up=('mlp.dense_h_to_4h',),
+    ),
+    "bloom": _BLOOM_LIKE,
+    "falcon": _BLOOM_LIKE,
+    "opt": SiteSpec(
+        layers=("decoder.layers",),
         attn_out=("self_attn.out_proj",),
         ffn_in=("fc1",),
         ffn_out=("fc2",),
-        norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
-        pooling=None,
-        attn_q=("self_attn.q_proj",),
-        attn_k=("self_attn.k_proj",),
-        attn_v=("self_attn.v_proj",),
-        ffn_up=("fc1",),
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+        pooling="last",
+        flat=("fc1", "fc2", "final_layer_norm"),  # OPT flattens the FFN's tokens to (B·T, d)
+        attn_q=('self_attn.q_proj',),
+        attn_k=('self_attn.k_proj',),
+        attn_v=('self_attn.v_proj',),
+        ffn_up=('fc1',),
     ),
-    "vit": SiteSpec(
-        layers=("encoder.layer", "layers"),  # 4.57: encoder.layer; 5.x: layers
+    "xglm": _XGLM_LIKE,
+    "biogpt": _XGLM_LIKE,
+    # encoder-decoders
+    "t5": _T5_LIKE,
+    "mt5": _T5_LIKE,
+    "umt5": _T5_LIKE,
+    "longt5": _T5_LIKE,
+    "bart": _BART_LIKE,
+    "mbart": _BART_LIKE,
+    "pegasus": _BART_LIKE,
+    "marian": _BART_LIKE,
+    "blenderbot": _BART_LIKE,
+    "blenderbot-small": _BART_LIKE,
+    "plbart": _BART_LIKE,
+    "m2m_100": _BART_LIKE,
+    # vision encoders
+    "vit": _VIT_LIKE,
+    "deit": _VIT_LIKE,
+    "vit_msn": _VIT_LIKE,
+    "vit_mae": _VIT_LIKE,
+    "beit": _VIT_LIKE,
+    "data2vec-vision": _VIT_LIKE,
+    "dinov2": SiteSpec(
+        layers=("encoder.layer",),
         attn_out=("attention.output.dense", "attention.o_proj"),
-        ffn_in=("intermediate", "mlp"),
-        ffn_out=("output.dense", "mlp.fc2"),
-        norms=("layernorm_before", "layernorm_after"),
-        attn_q=("attention.attention.query", "attention.q_proj"),
-        attn_k=("attention.attention.key", "attention.k_proj"),
-        attn_v=("attention.attention.value", "attention.v_proj"),
-        ffn_up=("intermediate.dense", "mlp.fc1"),
+        ffn_in=("mlp",),
+        ffn_out=("mlp.fc2", "mlp.down_proj"),  # down_proj: the SwiGLU variant
+        norms=("norm1", "norm2"),
+        attn_q=('attention.attention.query', 'attention.q_proj'),
+        attn_k=('attention.attention.key', 'attention.k_proj'),
+        attn_v=('attention.attention.value', 'attention.v_proj'),
+        ffn_up=('mlp.fc1',),
     ),
+    "clip_vision_model": _CLIP_LIKE,
+    "siglip_vision_model": replace(_CLIP_LIKE, pooling=None),  # no [CLS] token: no classification pooling
 }
 
-
-# Optional roles (see the module docstring): resolved when the row names them, else None.
-PROJECTION_ROLES = ("attn_q", "attn_k", "attn_v", "ffn_up", "ffn_gate")
+# Model types adapterkit knows and refuses, with the reason: a row would be silently wrong.
+REFUSED: dict[str, str] = {
+    "fsmt": (
+        "FSMT's layers are time-major: they see (T, B, d), not (B, T, d), so per-row adapters would mix "
+        "rows; adapterkit refuses it rather than answer wrongly"
+    ),
+}
 
 
 @dataclass
@@ -168,7 +483,8 @@ class LayerSites:
     """The modules of one transformer layer that adapters attach to.
 
     ``slices`` maps a role served by a part of a fused module's output (GPT-2's ``c_attn`` for
-    ``attn_q`` / ``attn_k`` / ``attn_v``) to that part's columns.
+    ``attn_q`` / ``attn_k`` / ``attn_v``) to that part's columns. ``names``: role -> the module's name
+    within the layer. ``flat``: the roles and norm names whose modules see tokens flattened to (B·T, d).
     """
 
     index: int
@@ -183,6 +499,8 @@ class LayerSites:
     ffn_up: nn.Module | None = None
     ffn_gate: nn.Module | None = None
     slices: dict[str, slice] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    flat: frozenset[str] = frozenset()
 
     def dims(self, role: str) -> tuple[int, int] | None:
         """(in_features, out_features) of the projection playing ``role`` (its part, for a fused
@@ -217,6 +535,8 @@ class UnknownArchitecture(ValueError):
 
 def sites_for(model_type: str) -> SiteSpec:
     """The table row for ``model_type``; a clear error names what to add when there is none."""
+    if model_type in REFUSED:
+        raise UnknownArchitecture(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     try:
         return SITES[model_type]
     except KeyError:
@@ -228,8 +548,31 @@ def sites_for(model_type: str) -> SiteSpec:
         ) from None
 
 
-def _first(layer: nn.Module, candidates: tuple[str, ...]) -> tuple[str, nn.Module] | None:
-    modules = dict(layer.named_modules())
+def parse_sites(text: str | None) -> SiteSpec | str | None:
+    """A command line's ``--sites``: empty for the table row, ``guess``, a JSON SiteSpec object, or the
+    path of a JSON file holding one."""
+    if text is None or text == "" or text == "table":
+        return None
+    if text == "guess":
+        return "guess"
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"--sites must be 'guess', a JSON SiteSpec or a JSON file; {text!r} is none of these")
+        source = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--sites: not valid JSON: {e}") from None
+    return SiteSpec.from_dict(data)
+
+
+def _modules_of(layer: nn.Module) -> dict[str, nn.Module]:
+    return dict(layer.named_modules())
+
+
+def _first(modules: dict[str, nn.Module], candidates: tuple[str, ...]) -> tuple[str, nn.Module] | None:
     for name in candidates:
         if name in modules:
             return name, modules[name]
@@ -238,8 +581,7 @@ def _first(layer: nn.Module, candidates: tuple[str, ...]) -> tuple[str, nn.Modul
 
 def _layer_lists(model: nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, nn.ModuleList]]:
     pattern = re.compile(r"(?:^|\.)(?:" + "|".join(re.escape(s) for s in suffixes) + r")$")
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and pattern.search(n)]
-    return found
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and pattern.search(n)]
 
 
 def find_layers(model: nn.Module, spec: SiteSpec) -> list[LayerSites]:
@@ -255,23 +597,26 @@ def find_layers(model: nn.Module, spec: SiteSpec) -> list[LayerSites]:
     for list_name, layer_list in layer_lists:
         for i, layer in enumerate(layer_list):
             path = f"{list_name}.{i}" if list_name else str(i)
-            picked = {}
+            modules = _modules_of(layer)
+            picked, names = {}, {}
             for role in ("attn_out", "ffn_in", "ffn_out"):
                 candidates = getattr(spec, role)
-                hit = _first(layer, candidates)
+                hit = _first(modules, candidates)
                 if hit is None:
                     raise UnknownArchitecture(
                         f"{type(model).__name__}: layer {path} has none of {candidates} ({role}); "
                         f"update its row in adapterkit/sites.py"
                     )
-                picked[role] = hit[1]
-            modules = dict(layer.named_modules())
-            norms = [(n, modules[n]) for n in spec.norms if n in modules]
+                names[role], picked[role] = hit
+            # An Identity standing in for a norm (ModernBERT's first layer) is no norm: nothing to train.
+            norms = [(n, modules[n]) for n in spec.norms if n in modules and not isinstance(modules[n], nn.Identity)]
             sites = LayerSites(len(layers), path, picked["attn_out"], picked["ffn_in"], picked["ffn_out"], norms)
             for role in PROJECTION_ROLES:
-                hit = _first(layer, getattr(spec, role))
+                hit = _first(modules, getattr(spec, role))
+                if hit is not None:
+                    names[role] = hit[0]
                 setattr(sites, role, None if hit is None else hit[1])
-            fused = _first(layer, spec.attn_qkv)
+            fused = _first(modules, spec.attn_qkv)
             if fused is not None and sites.attn_q is None:
                 width = linear_dims(fused[1])[1]
                 if width % 3:
@@ -280,19 +625,120 @@ def find_layers(model: nn.Module, spec: SiteSpec) -> list[LayerSites]:
                 for k, role in enumerate(("attn_q", "attn_k", "attn_v")):
                     setattr(sites, role, fused[1])
                     sites.slices[role] = slice(k * third, (k + 1) * third)
+                    names[role] = fused[0]
+            sites.names = names
+            sites.flat = frozenset([r for r, n in names.items() if n in spec.flat] + [n for n, _ in norms if n in spec.flat])
             layers.append(sites)
     return layers
 
 
+def _score(model: nn.Module, spec: SiteSpec) -> tuple[int, int] | None:
+    """(layers, norms) a row resolves on ``model``; None when it does not resolve fully."""
+    try:
+        layers = find_layers(model, spec)
+    except UnknownArchitecture:
+        return None
+    return len(layers), sum(len(ls.norms) for ls in layers)
+
+
 def guess_sites(model: nn.Module) -> SiteSpec:
-    """Try every known row's module names on ``model``; return the first that resolves fully."""
-    for spec in dict.fromkeys(SITES.values()):  # unique rows, table order
-        try:
-            if find_layers(model, spec):
-                return spec
-        except UnknownArchitecture:
-            continue
-    raise UnknownArchitecture(
-        f"none of adapterkit's known module layouts matches {type(model).__name__}; "
-        f"pass sites=SiteSpec(...) naming its modules"
-    )
+    """The known row that fits ``model`` best: of the rows whose modules all resolve, the one that
+    resolves the most layers, then the most norms (so Houlsby's norm training is not silently lost).
+    When none fits, the error lists what the model has, so a user can write a SiteSpec."""
+    best, best_score = None, None
+    for spec in dict.fromkeys(SITES.values()):  # unique rows, table order breaks ties
+        score = _score(model, spec)
+        if score is not None and (best_score is None or score > best_score):
+            best, best_score = spec, score
+    if best is None:
+        raise UnknownArchitecture(
+            f"none of adapterkit's known module layouts matches {type(model).__name__}; pass "
+            f"sites=SiteSpec(...) naming its modules. What it has:\n{describe_layers(model)}"
+        )
+    return best
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm | nn.GroupNorm) or "norm" in type(module).__name__.lower()
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D is a linear layer with transposed weights
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "FalconLinear")
+
+
+def describe_layers(model: nn.Module, limit: int = 40) -> str:
+    """What a SiteSpec could name in ``model``: its layer lists (ModuleLists of blocks) and, for the
+    first, layer 0's linear modules and norms."""
+    lists = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and len(list(m[0].children())) > 1]
+    if not lists:
+        return "  no ModuleList of layers found"
+    lines = ["  layer lists: " + ", ".join(f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in lists[:8])]
+    name, first = lists[0]
+    linears = [f"{n} ({type(m).__name__})" for n, m in first[0].named_modules() if n and _is_linear(m)]
+    norms = [f"{n} ({type(m).__name__})" for n, m in first[0].named_modules() if n and _is_norm(m)]
+    lines.append(f"  {name}.0 linear modules: " + (", ".join(linears[:limit]) or "none"))
+    lines.append(f"  {name}.0 norms: " + (", ".join(norms[:limit]) or "none"))
+    return "\n".join(lines)
+
+
+def describe_sites(model_type: str, spec: SiteSpec, layers: list[LayerSites]) -> str:
+    """A human-readable account of where adapters attach (``AdapterModel.sites_report()``)."""
+    if SITES.get(model_type) == spec:
+        how = f"the site table's row for {model_type!r}"
+    else:
+        rows = sorted(t for t, s in SITES.items() if s == spec)
+        how = f"guessed: the row of {', '.join(rows)}" if rows else "a SiteSpec given by the caller"
+    lines = [f"{model_type}: {len(layers)} layers, sites from {how}"]
+    if spec.shared:
+        lines.append("  shared layers: each runs at several depths; one adapter per shared layer, applied at every depth")
+    for ls in layers:
+        norms = ", ".join(n for n, _ in ls.norms) or "NONE (layer-norm training has nothing to train here)"
+        flat = f"; flattened (B·T, d): {', '.join(sorted(ls.names.get(f, f) for f in ls.flat))}" if ls.flat else ""
+        lines.append(
+            f"  {ls.index:>3} {ls.path}: attn_out={ls.names.get('attn_out')} ffn_in={ls.names.get('ffn_in')} "
+            f"ffn_out={ls.names.get('ffn_out')} norms=[{norms}]{flat}"
+        )
+    return "\n".join(lines)
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The module whose output has ``last_hidden_state`` (what task heads read). Usually
+    ``model.base_model``; where that is the LM itself (gemma3_text in transformers 4.57, whose
+    ``base_model_prefix`` names no attribute), the decoder stack inside it."""
+    base = getattr(model, "base_model", model)
+    config = getattr(model, "config", None)
+    if base is model and hasattr(model, "get_decoder") and not getattr(config, "is_encoder_decoder", False):
+        decoder = model.get_decoder()
+        if isinstance(decoder, nn.Module) and decoder is not model:
+            return decoder
+    return base
+
+
+def apply_at_site(route: Any, layer: int, position: str, out: Any, flat: bool) -> Any:
+    """``route.apply_site`` on a hooked module's output, whatever its form: the first element of a
+    tuple (4.57's mixture-of-experts blocks return ``(hidden, router_logits)``), and for a module
+    declared ``flat``, its ``(B·T, d)`` output viewed as ``(B, T, d)`` (each row's tokens are one
+    contiguous block) so a mixed batch gives each row its own adapter. None leaves ``out`` as it is."""
+    head = out[0] if isinstance(out, tuple) else out
+    x = head
+    if flat and route.single is None:  # one adapter for every row needs no row structure
+        x = head.reshape(len(route.rows), -1, head.shape[-1])
+    new = route.apply_site(layer, position, x)
+    if new is None:
+        return None
+    new = new.reshape(head.shape)
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def probe_weight(module: nn.Module) -> Any:
+    """A module's own weight for the base-model fingerprint: ``.weight`` when it has one, else its
+    first parameter (ViT's patch embedding is a module around a convolution; a mixture-of-experts
+    block holds a router and experts)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter | Tensor):
+        return weight
+    for _, p in module.named_parameters():
+        return p
+    raise UnknownArchitecture(f"{type(module).__name__} has no parameters to fingerprint the base model by")
