@@ -742,3 +742,52 @@ def probe_weight(module: nn.Module) -> Any:
     for _, p in module.named_parameters():
         return p
     raise UnknownArchitecture(f"{type(module).__name__} has no parameters to fingerprint the base model by")
+
+
+def architectures_markdown() -> str:
+    """docs/architectures.md, generated from the site table (``python -m adapterkit.sites`` writes it;
+    a test keeps the committed page equal to this)."""
+    lines = [
+        "# Supported architectures",
+        "",
+        "Generated from the site table in `src/adapterkit/sites.py` by `python -m adapterkit.sites`; do not",
+        "edit by hand. Every row is tested on a tiny random model of its architecture under transformers",
+        "4.57.6 and 5.x (`tests/core/test_architectures.py`): attach with the dry-pass verification, no",
+        "adapter == bare model (bit-identical), a mixed batch == each row alone, generate where the model",
+        "generates, save / load, detach. Where two candidates are listed, the first that exists is used",
+        "(transformers renames modules between releases). Any other model: `sites='guess'` or a `SiteSpec`;",
+        "`model.sites_report()` says what was picked.",
+        "",
+        f"{len(SITES)} model types.",
+        "",
+        "| model_type | layers | attention out | FFN in | FFN out | norms | pooling | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(names: tuple[str, ...]) -> str:
+        return " / ".join(f"`{n}`" for n in names) or "–"
+
+    for model_type in sorted(SITES):
+        spec = SITES[model_type]
+        notes = []
+        if spec.flat:
+            notes.append(f"flattened (B·T, d): {', '.join(spec.flat)}")
+        if spec.shared:
+            notes.append("shared layer: one adapter, applied at every depth")
+        if any(n in ("mlp", "block_sparse_moe") for n in spec.ffn_out):
+            notes.append("mixture of experts: adapters on the whole block's output")
+        lines.append(
+            f"| {model_type} | {cell(spec.layers)} | {cell(spec.attn_out)} | {cell(spec.ffn_in)} | "
+            f"{cell(spec.ffn_out)} | {cell(spec.norms)} | {spec.pooling or '–'} | {'; '.join(notes)} |"
+        )
+    lines += ["", "## Refused", ""]
+    lines += [f"- **{t}**: {why}." for t, why in sorted(REFUSED.items())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from .atomic_io import atomic_write_text
+
+    target = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
+    atomic_write_text(target, architectures_markdown())
+    print(f"wrote {target}")

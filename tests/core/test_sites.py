@@ -181,3 +181,13 @@ def test_vision_fingerprint_and_the_lm_as_base_model(tmp_path):
 
 def test_tiny_table_lists_only_known_types():
     assert set(TINY) <= set(SITES) | {"fsmt"}
+
+
+def test_the_architectures_page_is_generated_from_the_table():
+    """docs/architectures.md is up to date: regenerate with ``python -m adapterkit.sites``."""
+    from pathlib import Path
+
+    from adapterkit.sites import architectures_markdown
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
+    assert page.read_text(encoding="utf-8") == architectures_markdown(), "run: python -m adapterkit.sites"
