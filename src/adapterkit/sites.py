@@ -695,7 +695,7 @@ def describe_sites(model_type: str, spec: SiteSpec, layers: list[LayerSites]) ->
         lines.append("  shared layers: each runs at several depths; one adapter per shared layer, applied at every depth")
     for ls in layers:
         norms = ", ".join(n for n, _ in ls.norms) or "NONE (layer-norm training has nothing to train here)"
-        flat = f"; flattened (B·T, d): {', '.join(sorted(ls.names.get(f, f) for f in ls.flat))}" if ls.flat else ""
+        flat = f"; flattened (B·T, d): {', '.join(sorted({ls.names.get(f, f) for f in ls.flat}))}" if ls.flat else ""
         lines.append(
             f"  {ls.index:>3} {ls.path}: attn_out={ls.names.get('attn_out')} ffn_in={ls.names.get('ffn_in')} "
             f"ffn_out={ls.names.get('ffn_out')} norms=[{norms}]{flat}"
