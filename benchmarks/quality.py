@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write runs and summary here (after every run)")
     parser.add_argument("--tasks", help=f"comma-separated, of {', '.join(TASKS)}, pos (default: trec,bbc with --quick, "
                         "else all four classification tasks)")
-    parser.add_argument("--modes", default="houlsby,full", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--modes", "--methods", dest="modes", default="houlsby,full",
+                        help=f"comma-separated, of {', '.join(MODES)} (--methods: the old spelling)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     for mode in MODES:
         parser.add_argument(f"--lrs-{mode}", default=",".join(map(str, LRS[mode])), help=f"learning rates for {mode}")
