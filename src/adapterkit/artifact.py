@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
+
+from .atomic_io import atomic_write_bytes
 
 FORMAT = "adapterkit.adapter"
 FORMAT_VERSION = 1
@@ -230,35 +231,13 @@ def read_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
 
 def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Write an artifact atomically: temp file in the same folder, fsync, rename, fsync the folder.
-
-    A crash at any point leaves either the old file or the new one, never a partial file.
+    """Write an artifact atomically (``atomic_io``: temp file in the same folder, fsync, rename, fsync
+    the folder). A crash at any point leaves either the old file or the new one, never a partial file.
     """
     validate_metadata(metadata, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = save(cpu, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; an artifact is meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return path
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write_bytes(path, data)
 
 
 # ---------------------------------------------------------------------------------------------
