@@ -195,3 +195,36 @@ def test_ddp_resume_restores_every_process_dropout_stream(tmp_path, tiny_bert):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     logs = [[json.loads(x)["val_loss"] for x in run_paths(p)["log"].read_text().splitlines()] for p in (reference, out)]
     assert logs[0] == logs[1]
+
+
+def test_cli_sites_option_guess_json_and_bad(tmp_path, tiny_bert, files, capsys):
+    """`--sites` reaches AdapterModel: 'guess' and a JSON SiteSpec train; a bad value is a one-line error."""
+    import json
+
+    from adapterkit.sites import sites_for
+
+    common = ["train", "--base", str(tiny_bert), "--data", str(files[0]), "--validation", str(files[1]), "--task", "s",
+              "--epochs", "1", "--batch-size", "32", "--no-progress", "--threads", "1"]
+    guessed = tmp_path / "guess.safetensors"
+    assert main([*common, "--out", str(guessed), "--sites", "guess"]) == 0
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(sites_for("bert").to_dict()))
+    from_json = tmp_path / "json.safetensors"
+    assert main([*common, "--out", str(from_json), "--sites", str(spec)]) == 0
+    assert read_metadata(guessed)["base"] == read_metadata(from_json)["base"]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "bad.safetensors"), "--sites", "no-such-spec"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adapterkit train: error: --sites must be 'guess', a JSON SiteSpec or a JSON file") and err.count("\n") == 1
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_serve_load_base_takes_sites(tiny_bert):
+    from adapterkit.serve.runner import load_base
+    from adapterkit.sites import parse_sites
+
+    model, _ = load_base(tiny_bert, "encoder", sites=parse_sites("guess"))
+    assert model.num_layers == 2 and "attention.output.dense" in model.sites_report()
+    bogus = '{"layers": ["encoder.layer"], "attn_out": ["no.such.module"], "ffn_in": ["intermediate"], "ffn_out": ["output.dense"], "norms": []}'
+    with pytest.raises(ValueError, match="no.such.module|attn_out"):
+        load_base(tiny_bert, "encoder", sites=parse_sites(bogus))

@@ -54,6 +54,7 @@ from ..hub.guards import (
     validation_detail,
 )
 from ..model import AdapterModel
+from ..sites import parse_sites
 from .batcher import Batcher, QueueFull
 from .cache import (
     AdapterBusy,
@@ -79,6 +80,7 @@ class ServeConfig:
     registry: str = ""
     adapters: list[str] = field(default_factory=list)  # loaded at startup
     model_kind: str = "auto"  # auto | encoder | causal-lm
+    sites: str | None = None  # --sites: None (the table row), "guess", a JSON SiteSpec or a file holding one
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 512
@@ -362,7 +364,7 @@ def create_app(
             "(--admin-token or $ADAPTERKIT_ADMIN_TOKEN); without one, bind to 127.0.0.1"
         )
     if model is None or tokenizer is None:
-        model, tokenizer = load_base(config.base, config.model_kind)
+        model, tokenizer = load_base(config.base, config.model_kind, sites=parse_sites(config.sites))
     if source is None:
         source = open_source(config.registry, token=config.registry_token)
     service = Service(config, model, tokenizer, source)

@@ -60,6 +60,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at startup)")
     p.add_argument("--model-kind", choices=("auto", "encoder", "causal-lm"), default="auto")
+    p.add_argument("--sites", help="where adapters attach when the site table has no row for the base: 'guess', "
+                   "a JSON SiteSpec, or the path of a JSON file holding one")
     p.add_argument("--max-batch-size", type=int, default=32, help="most requests in one forward pass")
     p.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to batch with"
@@ -145,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         registry=args.registry,
         adapters=[a.strip() for a in args.adapters.split(",") if a.strip()],
         model_kind=args.model_kind,
+        sites=args.sites,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..model import AdapterModel
+from ..sites import SiteSpec
 from .batcher import Job
 from .cache import LoadedAdapter
 
@@ -55,12 +56,13 @@ class InputTooLong(ValueError):
 
 
 def load_base(
-    path: str | os.PathLike, kind: str = "auto", dtype: torch.dtype | None = None
+    path: str | os.PathLike, kind: str = "auto", dtype: torch.dtype | None = None, sites: SiteSpec | str | None = None
 ) -> tuple[AdapterModel, Any]:
     """Load a base model and its tokenizer from ``path``; wrap the model in an AdapterModel.
 
     ``kind``: ``"encoder"`` (AutoModel), ``"causal-lm"`` (AutoModelForCausalLM, can generate) or
     ``"auto"``: causal-lm when the config names a ``...ForCausalLM`` / ``...LMHeadModel`` class.
+    ``sites``: as for ``AdapterModel`` (``"guess"`` or a ``SiteSpec``), for a base the site table lacks.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -73,7 +75,7 @@ def load_base(
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     base = auto.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return AdapterModel(base.eval()).eval(), tokenizer
+    return AdapterModel(base.eval(), sites=sites).eval(), tokenizer
 
 
 @dataclass

@@ -86,6 +86,8 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base model dtype (adapters train in float32)")
+    p.add_argument("--sites", help="where adapters attach when the site table has no row for the base: 'guess', "
+                   "a JSON SiteSpec, or the path of a JSON file holding one")
     p.add_argument("--checkpoint-steps", type=int, default=100, help="checkpoint every N steps too (0: epoch ends only)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the last checkpoint after a successful run (default: removed; --full's is hundreds of MB)")
@@ -195,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..artifact import ArtifactError
     from ..data import DataError
+    from ..sites import parse_sites
     from . import TrainConfig, TrainingInterrupted, describe, train
 
     if args.threads:
@@ -229,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(
             args.base, args.data, args.task, args.out, validation=args.validation, kind=args.kind or "houlsby",
             adapter=adapter, config=config, resume=args.resume, data_options=options,
+            sites=parse_sites(args.sites),
         )
     except TrainingInterrupted as e:
         print(f"adapterkit train: interrupted: {e}", file=sys.stderr)

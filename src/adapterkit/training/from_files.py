@@ -12,6 +12,7 @@ import torch
 from ..config import AdapterConfig
 from ..data import TaskData, load_task, stratified_split
 from ..model import AdapterModel
+from ..sites import SiteSpec
 from .config import DTYPES, TrainConfig, TrainResult
 from .loop import fit, quiet_loading
 
@@ -29,11 +30,13 @@ def train(
     resume: bool = False,
     validation_fraction: float = 0.1,
     data_options: dict[str, Any] | None = None,
+    sites: SiteSpec | str | None = None,
 ) -> TrainResult:
     """Load a base model and a task's data, add adapter ``task`` and train it (see ``fit``).
 
     Without ``validation``, a seeded stratified ``validation_fraction`` of ``data`` is held out.
-    ``data_options`` go to ``data.load_task`` (column names, task type, encoding...).
+    ``data_options`` go to ``data.load_task`` (column names, task type, encoding...). ``sites``: as for
+    ``AdapterModel`` (``"guess"`` or a ``SiteSpec``) for an architecture the site table lacks.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -48,7 +51,7 @@ def train(
     with quiet_loading(not (cfg.progress and _stderr_is_terminal())):
         tokenizer = AutoTokenizer.from_pretrained(base)
         base_model = auto.from_pretrained(base, dtype=dtype) if dtype else auto.from_pretrained(base)
-    model = AdapterModel(base_model)
+    model = AdapterModel(base_model, sites=sites)
     if cfg.full:
         adapter = AdapterConfig(leave_out=list(range(model.num_layers)), train_layer_norms=False)
     elif adapter is None:
