@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from overhead import load_base
 
-from adapterkit import AdapterConfig, AdapterModel, routing
-from adapterkit import model as model_module
+from adapterkit import AdapterConfig, AdapterModel, attach, routing
 
 
 def timed(owner: type, name: str, totals: Counter, label: str) -> None:
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     totals: Counter = Counter()
     timed(routing.Route, "apply_site", totals, "adapter sites (incl. gathers)")
     timed(routing.Route, "gather", totals, "weight gathers (sites and norms)")
-    timed(model_module._RoutedNorm, "__call__", totals, "layer norms (incl. gathers)")
+    timed(attach.RoutedNorm, "__call__", totals, "layer norms (incl. gathers)")
 
     print(f"{args.model}, {args.rows} x {args.tokens}, {args.tasks} adapters, {args.threads} threads; ms per forward")
     rows: dict[str, dict[str, float]] = {}

@@ -11,6 +11,10 @@ header metadata under the key ``"adapterkit"``, one JSON document::
      "base": {...base fingerprint...}}
 
 Nothing here unpickles anything: tensors come from safetensors, everything else from JSON.
+
+Here too: building that document for a model's adapter (``build_metadata``), checking a loaded one
+against what the model can build (``check_adapter_metadata``), and matching an artifact's tensors to the
+adapter its metadata describes (``load_tensors_strict``); ``AdapterModel`` calls these.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
+from torch import nn
 
+from . import __version__
 from .atomic_io import atomic_write_bytes
+from .config import AdapterConfig
+from .tasks import HEAD_TYPES, TASKS, build_head
 
 FORMAT = "adapterkit.adapter"
 FORMAT_VERSION = 1
@@ -241,6 +249,86 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], me
 
 
 # ---------------------------------------------------------------------------------------------
+# An adapter's metadata: built on save, checked on load
+# ---------------------------------------------------------------------------------------------
+
+
+def build_metadata(
+    name: str,
+    config: AdapterConfig,
+    hidden_size: int,
+    task: dict[str, Any],
+    head_spec: dict[str, Any] | None,
+    fingerprint: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+    description: str = "",
+) -> dict[str, Any]:
+    """The metadata document of one adapter; its config records the resolved bottleneck width."""
+    saved = config.to_dict()
+    saved["bottleneck_size"] = config.bottleneck_for(hidden_size)
+    saved["reduction_factor"] = None
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "name": name,
+        "config": saved,
+        "task": dict(task),
+        "head": head_spec,
+        "base": fingerprint,
+        "metrics": dict(metrics or {}),
+        "description": description,
+    }
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a checked metadata document asks the model to build."""
+
+    config: AdapterConfig
+    task_type: str
+    labels: list[str]
+    head_dropout: float
+
+
+def check_adapter_metadata(meta: dict[str, Any], where: str) -> AdapterSpec:
+    """Check an (already ``validate_metadata``-checked) document's config, task and head against each
+    other; ArtifactError naming the problem, before anything is built."""
+    try:
+        config = AdapterConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"{where}: bad adapter config in metadata: {e}") from None
+    task = meta["task"]
+    head_spec = meta.get("head")
+    if head_spec is not None and (not isinstance(head_spec, dict) or not isinstance(head_spec.get("num_labels"), int)):
+        raise ArtifactError(f"{where}: metadata 'head' must be null or an object with an integer num_labels; got {head_spec!r}")
+    known = TASKS.get(task["type"])
+    if (known is not None and known.head is not None) != bool(head_spec):
+        raise ArtifactError(f"{where}: task type {task['type']!r} does not match its head {head_spec!r}")
+    if head_spec and head_spec.get("num_labels") != len(task.get("labels", [])):
+        raise ArtifactError(f"{where}: head has {head_spec.get('num_labels')} outputs but task lists {len(task.get('labels', []))} labels")
+    return AdapterSpec(config, task["type"], list(task.get("labels", [])), (head_spec or {}).get("dropout", 0.1))
+
+
+def load_tensors_strict(adapter: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``tensors`` into ``adapter`` when their names and shapes are exactly its state dict's;
+    ArtifactError listing the differences otherwise (``adapter`` is then untouched)."""
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{where}: tensors do not match the adapter its metadata describes "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong:
+        raise ArtifactError(f"{where}: tensor shapes do not match: {'; '.join(wrong[:5])}")
+    adapter.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # The header alone: sizes checked before anything is allocated
 # ---------------------------------------------------------------------------------------------
 
@@ -346,8 +434,6 @@ def check_size_caps(doc: dict[str, Any], hidden_size: int, where: str = "artifac
     for count in (len(labels) if isinstance(labels, list) else 0, outputs if isinstance(outputs, int) else 0):
         if count > MAX_LABELS:
             raise ArtifactError(f"{where}: {count} labels; at most {MAX_LABELS} are accepted")
-    from .config import AdapterConfig  # config is light; imported here to keep this module's imports minimal
-
     try:
         r = AdapterConfig.from_dict(config).bottleneck_for(hidden_size)
     except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
@@ -370,8 +456,6 @@ def expected_shapes(
     Kinds sized by the projection they act on (LoRA, IA3) need each position's (in, out) features:
     ``dims_per_layer`` from the model (``AdapterModel``), or, without a model (the hub), read from the
     file's own ``tensor_shapes`` by the kind's module (its rank and targets are still checked)."""
-    from .config import AdapterConfig
-    from .heads import HEAD_TYPES, build_head
     from .task_adapter import TaskAdapter  # the modules define the names and shapes; never restate them
 
     task = doc["task"]

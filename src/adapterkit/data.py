@@ -1,6 +1,7 @@
 """Reading one task's labelled examples: CSV, TSV, JSON Lines, or a Hugging Face ``datasets`` dataset.
 
-Three task types, matching the heads in ``heads.py``:
+The task types with a head (``tasks.TASKS``; a record's ``pair`` and ``labels`` say how its examples
+look), today:
 
 - ``classification``: one text and one label per example;
 - ``pair_classification``: two texts (``text``, ``text_pair``) and one label;
@@ -23,7 +24,10 @@ from typing import Any
 
 import torch
 
-TASK_TYPES = ("classification", "pair_classification", "token_classification")
+from .tasks import HEAD_TYPES, TASKS
+
+# Task types read from labelled examples: those with a head of their own.
+TASK_TYPES: tuple[str, ...] = HEAD_TYPES
 _FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
 
@@ -124,19 +128,16 @@ def load_task(
         raise DataError(f"{where_name}: no examples")
     columns = rows[0][1]
     if task_type is None:
-        if tokens_column in columns:
-            task_type = "token_classification"
-        elif text_pair_column is not None:
-            task_type = "pair_classification"
-        else:
-            task_type = "classification"
-    if task_type == "pair_classification" and text_pair_column is None:
+        task_type = _guess_task_type(per_word=tokens_column in columns, pair=text_pair_column is not None)
+    task = TASKS[task_type]
+    per_word = task.labels == "word"
+    if task.pair and text_pair_column is None:
         text_pair_column = "text_pair"
-    if task_type == "token_classification":
+    if per_word:
         wanted = [tokens_column, tags_column]
     else:
-        wanted = [text_column, label_column] + ([text_pair_column] if task_type == "pair_classification" else [])
-    label_key = tags_column if task_type == "token_classification" else label_column
+        wanted = [text_column, label_column] + ([text_pair_column] if task.pair else [])
+    label_key = tags_column if per_word else label_column
     names = class_names.get(label_key)
 
     raw: list[tuple[str, Any, Any, Any]] = []  # (where, text, pair, label)
@@ -145,7 +146,7 @@ def load_task(
             if col not in row:
                 have = ", ".join(str(c) for c in row) or "none"
                 raise DataError(f"{where}: missing column {col!r} (columns: {have})")
-        if task_type == "token_classification":
+        if per_word:
             tokens, tags = _as_list(row[tokens_column], where, tokens_column), _as_list(row[tags_column], where, tags_column)
             if not tokens:
                 raise DataError(f"{where}: empty token list in column {tokens_column!r}")
@@ -156,7 +157,7 @@ def load_task(
             raw.append((where, [str(t) for t in tokens], None, [_label_name(t, names, where) for t in tags]))
         else:
             text = _text(row[text_column], where, text_column)
-            pair = _text(row[text_pair_column], where, text_pair_column) if task_type == "pair_classification" else None
+            pair = _text(row[text_pair_column], where, text_pair_column) if task.pair else None
             raw.append((where, text, pair, _label_name(row[label_column], names, where)))
 
     if labels is None:
@@ -177,6 +178,16 @@ def load_task(
         y = [lookup(t, where) for t in label] if isinstance(label, list) else lookup(label, where)
         examples.append(Example(text=text, text_pair=pair, label=y, where=where))
     return TaskData(task_type, labels, examples, where_name)
+
+
+def _guess_task_type(per_word: bool, pair: bool) -> str:
+    """The labelled task type whose examples look like these: a tokens column means one tag per word,
+    a pair column two texts per example."""
+    for name in TASK_TYPES:
+        task = TASKS[name]
+        if (task.labels == "word") == per_word and (task.pair == pair or per_word):
+            return name
+    raise DataError(f"no task type reads {'tagged words' if per_word else 'text pairs' if pair else 'texts'}")
 
 
 def _text(value: Any, where: str, column: str) -> str:
@@ -374,7 +385,7 @@ def encode_example(example: Example, task_type: str, tokenizer: Any, max_length:
         from .causal_lm import encode_lm_example
 
         return encode_lm_example(example, tokenizer, max_length)
-    if task_type == "token_classification":
+    if TASKS[task_type].labels == "word":
         enc = tokenizer(example.text, is_split_into_words=True, truncation=True, max_length=max_length)
         word_ids = enc.word_ids()
         labels, previous = [], None

@@ -1,16 +1,11 @@
-"""Per-task heads. Each task may bring its own head and label set; causal and seq2seq LMs use the base
-model's own LM head instead (shared, nothing per task)."""
+"""Per-task head modules and their loss. Each task may bring its own head and label set; causal and
+seq2seq LMs use the base model's own LM head instead (shared, nothing per task). Which task type uses
+which head, and how it is built from an artifact's spec: ``tasks.py``."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
-
-HEAD_TYPES = ("classification", "pair_classification", "token_classification")
-# Task types without a head of their own: the base model's outputs are the task's outputs.
-HEADLESS_TYPES = ("lm", "none", "causal_lm")  # causal_lm: an LM adapter trained on prompt/response pairs
 
 
 def _init_linear(linear: nn.Linear, std: float = 0.02) -> None:
@@ -64,23 +59,6 @@ class TokenClassificationHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.out(self.dropout(hidden))  # (B, T, labels)
-
-
-def build_head(spec: dict[str, Any], hidden_size: int, pooling: str | None) -> nn.Module:
-    """Build a head from its JSON spec: {"type", "num_labels", "dropout"}."""
-    kind, n, dropout = spec["type"], int(spec["num_labels"]), float(spec.get("dropout", 0.1))
-    if n < 1:
-        raise ValueError(f"a {kind} head needs at least one label")
-    if kind in ("classification", "pair_classification"):
-        if pooling is None:
-            raise ValueError(
-                "sequence-classification heads need a pooling token; this architecture has none "
-                "(encoder-decoder models use their LM head)"
-            )
-        return SequenceClassificationHead(hidden_size, n, pooling, dropout)
-    if kind == "token_classification":
-        return TokenClassificationHead(hidden_size, n, dropout)
-    raise ValueError(f"unknown head type {kind!r}; expected one of {', '.join(HEAD_TYPES)}")
 
 
 def head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

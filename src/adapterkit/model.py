@@ -1,16 +1,16 @@
-"""AdapterModel: a Hugging Face model with bottleneck adapters attached, and its public API.
+"""AdapterModel: a Hugging Face model with adapters attached, and its public API (a thin facade).
 
 The base model's code is never edited or copied. adapterkit finds a few of its modules by name
-(``sites.py``) and attaches to them: forward hooks on the attention and FFN output projections, a
-pre-hook capturing the FFN input (for parallel adapters), and a thin forward wrapper on each layer norm
-(for per-task norm affines). With no adapter routed, every hook returns at once and the base model's
-outputs are bit-identical.
+(``sites.py``) and attaches to them (``attach.py``: hooks at each position of ``kinds.POSITIONS`` and a
+thin forward wrapper on each layer norm). With no adapter routed, every hook returns at once and the
+base model's outputs are bit-identical. The rest lives beside it: what each kind computes
+(``kinds/``), per-row routing (``routing.py``), weight stacks (``stacks.py``), task types and heads
+(``tasks.py``, ``heads.py``), the artifact format and its checks (``artifact.py``).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -24,22 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from . import __version__
 from .artifact import (
-    FORMAT,
-    FORMAT_VERSION,
     ArtifactError,
     BaseModelMismatch,
     base_fingerprint,
+    build_metadata,
+    check_adapter_metadata,
     check_artifact_shapes,
     fingerprints_match,
+    load_tensors_strict,
     read_artifact,
     write_artifact,
 )
 from .config import AdapterConfig
-from .heads import HEAD_TYPES, HEADLESS_TYPES, build_head, head_loss
+from .heads import head_loss
 from .kinds import POSITIONS
-from .routing import NO_ADAPTERS, NoAdapters, Route, current_route, routed
+from .routing import NO_ADAPTERS, NoAdapters, Route, apply_heads, current_route, routed, rows_with_heads
 from .site_check import verify_sites, warn_if_no_norms
 from .sites import (
     SiteSpec,
@@ -54,6 +54,7 @@ from .sites import (
 )
 from .stacks import StackStore
 from .task_adapter import TaskAdapter
+from .tasks import HEAD_TYPES, HEADLESS_TYPES, TASKS, headless_task
 
 AdapterNames = str | Sequence[str | None] | None
 _NAME_FORBIDDEN = set("/\\\x00")
@@ -279,9 +280,7 @@ class AdapterModel(nn.Module):
         return self.base
 
     def __deepcopy__(self, memo: dict) -> AdapterModel:
-        """A copy with its own hooks. Copied as they are, the base's hooks (closures) and the norm and
-        checkpoint wrappers would still route by the original model: the copy would run without
-        adapters. The original is not touched."""
+        """A copy with its own hooks and wrappers, routing by itself; the original is not touched."""
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for key, value in self.__dict__.items():
@@ -345,16 +344,17 @@ class AdapterModel(nn.Module):
         if bad:
             raise ValueError(f"leave_out has layer indices {bad}, but this model has {self.num_layers} layers (0..{self.num_layers - 1})")
         factory = self._factory(dtype)
+        task = TASKS.get(task_type) if isinstance(task_type, str) else None
+        if task is None:
+            raise ValueError(f"unknown head {task_type!r}; expected one of {', '.join(HEAD_TYPES + HEADLESS_TYPES)} or None")
         head, head_spec = None, None
-        if task_type in HEAD_TYPES:
+        if task.head is not None:
             if not labels:
                 raise ValueError(f"a {task_type} task needs its label names (labels=[...])")
             if len(set(labels)) != len(labels):
                 raise ValueError(f"label names must be distinct; got {labels}")
             head_spec = {"type": task_type, "num_labels": len(labels), "dropout": head_dropout}
-            head = build_head(head_spec, self.hidden_size, self.sites.pooling).to(**factory)
-        elif task_type not in HEADLESS_TYPES:
-            raise ValueError(f"unknown head {task_type!r}; expected one of {', '.join(HEAD_TYPES + HEADLESS_TYPES)} or None")
+            head = task.build_head(head_spec, self.hidden_size, self.sites.pooling).to(**factory)
         positions = config.sites
         adapter = TaskAdapter(
             config,
@@ -422,7 +422,7 @@ class AdapterModel(nn.Module):
                 in full precision on a bf16/fp16 base.
         """
         self._check_new_name(name)
-        task_type = head or ("lm" if hasattr(self.base, "generate") and self.base.can_generate() else "none")
+        task_type = head or headless_task(self.base)
         adapter = self._build(config or AdapterConfig(), task_type, list(labels), head_dropout, dtype)
         warn_if_no_norms(self.layer_sites, adapter.config.train_layer_norms, adapter.config.kind)
         adapter.train(self.training)
@@ -614,13 +614,13 @@ class AdapterModel(nn.Module):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
         with routed(self, route) if route is not None else nullcontext():
             effective = self._route()
-            names = _row_heads(effective, batch)
+            names = rows_with_heads(effective, batch)
             if names is None:  # no task head in play: the base model's own forward, labels and all
                 if labels is not None:
                     inputs["labels"] = labels
                 return self.base(**inputs)
             hidden = backbone(self.base)(**inputs).last_hidden_state  # (B, T, d)
-            logits = _apply_heads(names, hidden, attention_mask)
+            logits = apply_heads(names, hidden, attention_mask)
         loss = head_loss(logits, labels) if labels is not None else None
         return AdapterOutput(loss=loss, logits=logits, last_hidden_state=hidden)
 
@@ -692,21 +692,8 @@ class AdapterModel(nn.Module):
         """Write adapter ``name`` (bottlenecks, norm affines, head) and its metadata to one
         ``.safetensors`` file, atomically."""
         adapter = self._get(name)
-        config = adapter.config.to_dict()
-        config["bottleneck_size"] = adapter.config.bottleneck_for(self.hidden_size)
-        config["reduction_factor"] = None
-        metadata = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
-            "name": name,
-            "config": config,
-            "task": dict(adapter.task),
-            "head": adapter.head_spec,
-            "base": self.fingerprint(),
-            "metrics": dict(metrics or {}),
-            "description": description,
-        }
+        metadata = build_metadata(name, adapter.config, self.hidden_size, adapter.task, adapter.head_spec,
+                                  self.fingerprint(), metrics, description)
         return write_artifact(path, adapter.state_dict(), metadata)
 
     def load_adapter(
@@ -744,25 +731,12 @@ class AdapterModel(nn.Module):
         self._check_new_name(name)
         if check_base and not fingerprints_match(self.fingerprint(), meta["base"]):
             raise BaseModelMismatch(str(path), self.fingerprint(), meta["base"])
+        spec = check_adapter_metadata(meta, str(path))
         try:
-            config = AdapterConfig.from_dict(meta["config"])
-        except (ValueError, TypeError) as e:
-            raise ArtifactError(f"{path}: bad adapter config in metadata: {e}") from None
-        task = meta["task"]
-        head_spec = meta.get("head")
-        if head_spec is not None and (not isinstance(head_spec, dict) or not isinstance(head_spec.get("num_labels"), int)):
-            raise ArtifactError(f"{path}: metadata 'head' must be null or an object with an integer num_labels; got {head_spec!r}")
-        if (task["type"] in HEAD_TYPES) != bool(head_spec):
-            raise ArtifactError(f"{path}: task type {task['type']!r} does not match its head {head_spec!r}")
-        if head_spec and head_spec.get("num_labels") != len(task.get("labels", [])):
-            raise ArtifactError(f"{path}: head has {head_spec.get('num_labels')} outputs but task lists {len(task.get('labels', []))} labels")
-        try:
-            adapter = self._build(
-                config, task["type"], task.get("labels", []), (head_spec or {}).get("dropout", 0.1), dtype
-            )
+            adapter = self._build(spec.config, spec.task_type, spec.labels, spec.head_dropout, dtype)
         except ValueError as e:
             raise ArtifactError(f"{path}: {e}") from None
-        _load_strict(adapter, artifact.tensors or {}, str(path))
+        load_tensors_strict(adapter, artifact.tensors or {}, str(path))
         adapter.train(self.training)
         self.adapters[name] = adapter
         return name
@@ -779,10 +753,6 @@ def _hidden_size(config: Any) -> int:
     raise ValueError(f"cannot find the hidden size in {type(config).__name__}")
 
 
-def _dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -793,60 +763,3 @@ def _batch_size(inputs: dict[str, Any]) -> int | None:
         if isinstance(v, torch.Tensor):
             return v.shape[0]
     return None
-
-
-def _row_heads(route: Route | None, batch: int | None) -> list[TaskAdapter] | None:
-    """The per-row adapters whose heads produce this batch's logits; None when no head is in play."""
-    if route is None:
-        return None
-    if route.single is not None:
-        rows = [route.single] * (batch or 1)
-    else:
-        route.check_rows(batch if batch is not None else len(route.rows))
-        rows = route.rows
-    with_head = [a is not None and a.head is not None for a in rows]
-    if not any(with_head):
-        return None
-    if not all(with_head):
-        raise ValueError("a batch mixes rows whose tasks have a head with rows that have none; run them separately")
-    kinds = {a.task["type"] == "token_classification" for a in rows}
-    if len(kinds) > 1:
-        raise ValueError("a batch mixes sequence- and token-classification heads; run them separately")
-    return rows
-
-
-def _apply_heads(rows: list[TaskAdapter], hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Each row through its own task's head; label sets of different sizes are padded with -inf."""
-    if len({id(a) for a in rows}) == 1:
-        return rows[0].head(hidden.to(_dtype(rows[0].head)), attention_mask)
-    width = max(len(a.task["labels"]) for a in rows)
-    groups: dict[int, list[int]] = {}
-    for i, a in enumerate(rows):
-        groups.setdefault(id(a), []).append(i)
-    out_dtype = functools.reduce(torch.promote_types, (_dtype(rows[m[0]].head) for m in groups.values()))
-    out = None
-    for members in groups.values():
-        head = rows[members[0]].head
-        index = torch.tensor(members, device=hidden.device)
-        mask = attention_mask[index] if attention_mask is not None else None
-        logits = head(hidden[index].to(_dtype(head)), mask)  # a float32 head on a bf16 base
-        if out is None:
-            out = hidden.new_full((hidden.shape[0], *logits.shape[1:-1], width), float("-inf"), dtype=out_dtype)
-        out[index, ..., : logits.shape[-1]] = logits.to(out_dtype)
-    return out
-
-
-def _load_strict(adapter: TaskAdapter, tensors: dict[str, torch.Tensor], where: str) -> None:
-    expected = adapter.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ArtifactError(
-            f"{where}: tensors do not match the adapter its metadata describes "
-            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
-        )
-    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
-    if wrong:
-        raise ArtifactError(f"{where}: tensor shapes do not match: {'; '.join(wrong[:5])}")
-    adapter.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)

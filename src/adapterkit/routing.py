@@ -1,5 +1,5 @@
-"""Per-row routing: which adapter each row of the current forward pass uses, and the ContextVar that
-carries it to the hooks.
+"""Per-row routing: which adapter each row of the current forward pass uses, the ContextVar that
+carries it to the hooks, and each row's task head.
 
 Free of adapter kinds: a site's modules bring their own maths (``kinds/interface.py``); this module
 only resolves rows to modules, groups them by maths, hands over captured inputs and gathers weights.
@@ -9,6 +9,7 @@ Shapes: B rows, T tokens, d hidden size, K distinct adapters in a batch.
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -16,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from .stacks import StackStore
 from .task_adapter import TaskAdapter
+from .tasks import TASKS
 
 
 @dataclass(eq=False)
@@ -161,6 +164,58 @@ class Route:
         scale, shift = self.gather(("norm", layer, index), members, dtype, device, identity,
                                    lambda n: (n.scale.to(dtype), n.shift.to(dtype)))
         return scale[:, None], shift[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads: each row's task head, after the base model's forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def rows_with_heads(route: Route | None, batch: int | None) -> list[TaskAdapter] | None:
+    """The per-row adapters whose heads produce this batch's logits; None when no head is in play
+    (the base model's own outputs are then the answer)."""
+    if route is None:
+        return None
+    if route.single is not None:
+        rows = [route.single] * (batch or 1)
+    else:
+        route.check_rows(batch if batch is not None else len(route.rows))
+        rows = route.rows
+    with_head = [a is not None and a.head is not None for a in rows]
+    if not any(with_head):
+        return None
+    if not all(with_head):
+        raise ValueError("a batch mixes rows whose tasks have a head with rows that have none; run them separately")
+    kinds = {TASKS[a.task["type"]].per_token for a in rows}
+    if len(kinds) > 1:
+        raise ValueError("a batch mixes sequence- and token-classification heads; run them separately")
+    return rows
+
+
+def apply_heads(rows: list[TaskAdapter], hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Each row through its own task's head: hidden (B, T, d) -> logits (B, L) or (B, T, L), L the widest
+    label set; a row's labels beyond its own task's count are -inf."""
+    if len({id(a) for a in rows}) == 1:
+        return rows[0].head(hidden.to(_dtype(rows[0].head)), attention_mask)
+    width = max(len(a.task["labels"]) for a in rows)
+    groups: dict[int, list[int]] = {}
+    for i, a in enumerate(rows):
+        groups.setdefault(id(a), []).append(i)
+    out_dtype = functools.reduce(torch.promote_types, (_dtype(rows[m[0]].head) for m in groups.values()))
+    out = None
+    for members in groups.values():
+        head = rows[members[0]].head
+        index = torch.tensor(members, device=hidden.device)
+        mask = attention_mask[index] if attention_mask is not None else None
+        logits = head(hidden[index].to(_dtype(head)), mask)  # a float32 head on a bf16 base
+        if out is None:
+            out = hidden.new_full((hidden.shape[0], *logits.shape[1:-1], width), float("-inf"), dtype=out_dtype)
+        out[index, ..., : logits.shape[-1]] = logits.to(out_dtype)
+    return out
 
 
 class NoAdapters:

@@ -16,12 +16,14 @@ import torch
 
 from ..model import AdapterModel
 from ..sites import SiteSpec
+from ..tasks import tasks_for_lane
 from .batcher import Job
 from .cache import LoadedAdapter
 
-SEQUENCE_TASKS = ("classification", "pair_classification")
-TOKEN_TASKS = ("token_classification",)
-LM_TASKS = ("lm", "none", "causal_lm")
+# The task types each lane answers (``tasks.TASKS``: a record's ``lane`` and ``endpoint``).
+SEQUENCE_TASKS = tasks_for_lane("classify")
+TOKEN_TASKS = tasks_for_lane("tag")
+LM_TASKS = tasks_for_lane("generate")
 
 
 def split_by_length(lengths: Sequence[int], overhead: int, max_tokens: int) -> list[tuple[int, int]]:
