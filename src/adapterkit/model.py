@@ -1,8 +1,9 @@
 """AdapterModel: a Hugging Face model with adapters attached, and its public API (a thin facade).
 
 The base model's code is never edited or copied. adapterkit finds a few of its modules by name
-(``sites.py``) and attaches to them (``attach.py``: hooks at each position of ``kinds.POSITIONS`` and a
-thin forward wrapper on each layer norm). With no adapter routed, every hook returns at once and the
+(``sites.py``) and attaches to them (forward hooks at each position of ``kinds.POSITIONS`` an adapter
+uses, hooked on first use, and a thin forward wrapper on each layer norm; ``site_check.py`` verifies
+the sites at attach time). With no adapter routed, every hook returns at once and the
 base model's outputs are bit-identical. The rest lives beside it: what each kind computes
 (``kinds/``), per-row routing (``routing.py``), weight stacks (``stacks.py``), task types and heads
 (``tasks.py``, ``heads.py``), the artifact format and its checks (``artifact.py``).

@@ -9,8 +9,8 @@ import pathlib
 import adapterkit
 
 # docs/architecture.md's package graph, bottom first; a module may import only modules before it.
-ORDER = ["atomic_io", "sites", "stacks", "heads", "kinds", "tasks", "config", "task_adapter", "routing",
-         "attach", "artifact", "model"]
+ORDER = ["atomic_io", "sites", "site_check", "stacks", "heads", "kinds", "tasks", "config", "task_adapter",
+         "routing", "artifact", "model"]
 SRC = pathlib.Path(adapterkit.__file__).parent
 
 
