@@ -1,9 +1,9 @@
 """AdapterModel: a Hugging Face model with adapters attached, and its public API (a thin facade).
 
 The base model's code is never edited or copied. adapterkit finds a few of its modules by name
-(``sites.py``) and attaches to them (forward hooks at each position of ``kinds.POSITIONS`` an adapter
-uses, hooked on first use, and a thin forward wrapper on each layer norm; ``site_check.py`` verifies
-the sites at attach time). With no adapter routed, every hook returns at once and the
+(``sites.py``; ``site_check.py`` verifies them at attach time) and attaches to them (``attach.py``:
+forward hooks at each position of ``kinds.POSITIONS`` an adapter uses, hooked on first use, and a thin
+forward wrapper on each layer norm). With no adapter routed, every hook returns at once and the
 base model's outputs are bit-identical. The rest lives beside it: what each kind computes
 (``kinds/``), per-row routing (``routing.py``), weight stacks (``stacks.py``), task types and heads
 (``tasks.py``, ``heads.py``), the artifact format and its checks (``artifact.py``).
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -37,6 +35,7 @@ from .artifact import (
     read_artifact,
     write_artifact,
 )
+from .attach import Attachment
 from .config import AdapterConfig
 from .heads import head_loss
 from .kinds import POSITIONS
@@ -45,7 +44,6 @@ from .site_check import verify_sites, warn_if_no_norms
 from .sites import (
     SiteSpec,
     UnknownArchitecture,
-    apply_at_site,
     backbone,
     describe_sites,
     find_layers,
@@ -87,69 +85,6 @@ class ParameterReport:
         return f"trainable params: {self.trainable:,} of {self.base_total:,} base params ({self.percent:.2f} %)"
 
 
-class _RoutedNorm:
-    """Replaces one norm module's ``forward`` (an instance attribute: the module tree, its state-dict
-    keys and its class are untouched) so a task's affine applies per row."""
-
-    def __init__(self, owner: AdapterModel, module: nn.Module, layer: int, index: int):
-        self.owner = weakref.ref(owner)
-        self.module = module
-        self.layer, self.index = layer, index
-        # An instance-level forward (accelerate's offload hooks set one) is kept and called through.
-        self.own_forward = module.__dict__.get("forward")
-        self.original = self.own_forward or type(module).forward.__get__(module)
-        self.is_layer_norm = type(module) is nn.LayerNorm  # subclasses may change the maths: no folding
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        owner = self.owner()
-        route = owner._route() if owner is not None else None
-        if route is None:
-            return self.original(x, *args, **kwargs)
-        m = self.module
-        if route.single is not None:
-            affine = route.single.norm(self.layer, self.index)
-            if affine is None:
-                return self.original(x, *args, **kwargs)
-            scale, shift = affine.scale.to(x.dtype), affine.shift.to(x.dtype)
-            if self.is_layer_norm:  # fold into the norm's own affine: one fused kernel, as without adapters
-                w = scale if m.weight is None else m.weight * scale
-                b = shift if m.bias is None else m.bias * scale + shift
-                return F.layer_norm(x, m.normalized_shape, w, b, m.eps)
-            return torch.addcmul(shift, self.original(x, *args, **kwargs), scale)
-        # The norm once for the whole batch, then one per-row affine. (Not folded into F.layer_norm's
-        # own affine: that takes no per-row weights, and without weights it runs a slower kernel.)
-        per_row = route.norm_affine(self.layer, self.index, x.dtype, x.device)
-        if per_row is None:
-            return self.original(x, *args, **kwargs)
-        scale, shift = per_row  # (B, 1, d)
-        shape = x.shape
-        # (B, T', d): each row's tokens are one contiguous block, whether the batch leads (B·beams, T, d)
-        # or tokens are flattened (B·T, d) (site_check verifies one of the two)
-        y = self.original(x, *args, **kwargs).reshape(scale.shape[0], -1, shape[-1])
-        if self.is_layer_norm and not torch.is_grad_enabled():  # y is a fresh buffer: reuse it
-            return torch.addcmul(shift, y, scale, out=y).reshape(shape)
-        return torch.addcmul(shift, y, scale).reshape(shape)
-
-
-class _RoutedCheckpoint:
-    """A checkpoint function that recomputes under the route that was current at forward time."""
-
-    def __init__(self, checkpoint: Any, owner: AdapterModel):
-        self.checkpoint, self.owner = checkpoint, weakref.ref(owner)
-
-    def __call__(self, function: Any, *args: Any, **kwargs: Any) -> Any:
-        owner = self.owner()
-        route = current_route(owner) if owner is not None else None
-        if route is None:
-            return self.checkpoint(function, *args, **kwargs)
-
-        def run(*a: Any, **k: Any) -> Any:
-            with routed(owner, route):
-                return function(*a, **k)
-
-        return self.checkpoint(run, *args, **kwargs)
-
-
 class _AdapterDict(nn.ModuleDict):
     """A ModuleDict whose keys may also be names of nn.Module attributes ("half", "train", "to"...):
     adapter names are user data, and ``add_module`` refuses those. Item access is all we use."""
@@ -189,95 +124,20 @@ class AdapterModel(nn.Module):
         self.adapters = _AdapterDict()
         self._active: Route | None = None
         self._stacks = StackStore()  # mixed batches' per-site weight stacks, kept across calls
-        self._handles: list[Any] = []
-        self._hooked: list[str] = []  # positions hooked so far, in hooking order
         self._merged: tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # merge_adapter
-        self._norm_wrappers: list[_RoutedNorm] = []
-        self._attach()
+        self._attachment = Attachment(self, self.layer_sites)  # hooks and norm wrappers on the base
+        self._attachment.attach()
         self.train(base.training)  # follow the base: from_pretrained models come in eval mode
 
-    # -- attaching -----------------------------------------------------------------------------
+    # -- attaching (attach.py) -------------------------------------------------------------------
 
-    def _attach(self) -> None:
-        self._attach_hooks(("attn", "ffn"))  # the bottleneck kinds' positions; others on demand
-        for ls in self.layer_sites:
-            for j, (_, norm) in enumerate(ls.norms):
-                wrapper = _RoutedNorm(self, norm, ls.index, j)
-                norm.forward = wrapper  # instance attribute shadows the class's forward
-                self._norm_wrappers.append(wrapper)
-
-    def _attach_hooks(self, positions: Sequence[str] | None = None) -> None:
-        """Hook ``positions`` (default: every position hooked so far, as after a deepcopy) on every
-        layer that has their modules. Positions are hooked when an adapter first needs them: a module
-        without hooks runs torch's fast call path, and most models never use most positions."""
-        me = weakref.ref(self)  # hooks must not keep the model alive
-
-        def site_hook(layer: int, position: str, part: slice | None, flat: bool):
-            def hook(module: nn.Module, args: tuple, out: torch.Tensor):
-                owner = me()
-                route = owner._route() if owner is not None else None
-                if route is None:
-                    return None
-                if part is None:  # (tuple outputs and flattened tokens: see apply_at_site)
-                    return apply_at_site(route, layer, position, out, flat)
-                # a fused projection (GPT-2's c_attn): this position owns its part of the output
-                view = out[..., part]
-                new = route.apply_site(layer, position, view)
-                if new is None or new.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-                    return None  # nothing to do, or done in place in this part
-                if torch.is_grad_enabled():
-                    out = out.clone()  # the hooked output may be saved for backward
-                out[..., part] = new
-                return out
-
-            return hook
-
-        def rewrite_hook(layer: int, position: str, flat: bool):
-            def hook(module: nn.Module, args: tuple):
-                owner = me()
-                route = owner._route() if owner is not None else None
-                new = None if route is None else apply_at_site(route, layer, position, args[0], flat)
-                return None if new is None else (new, *args[1:])
-
-            return hook
-
-        def capture_hook(layer: int, position: str):
-            def hook(module: nn.Module, args: tuple):
-                owner = me()
-                route = owner._route() if owner is not None else None
-                if route is not None and route.needs_input(layer, position):
-                    route.keep_input(layer, position, args[0])
-
-            return hook
-
-        todo = list(self._hooked) if positions is None else [p for p in positions if p not in self._hooked]
-        for position in todo:
-            where = POSITIONS[position]
-            for ls in self.layer_sites:
-                target = getattr(ls, where.output)
-                if target is None:  # an optional role this layer lacks (a gate in a plain FFN)
-                    continue
-                if where.acts_on == "input":
-                    self._handles.append(target.register_forward_pre_hook(rewrite_hook(ls.index, position, where.output in ls.flat)))
-                else:
-                    part = ls.slices.get(where.output)
-                    self._handles.append(target.register_forward_hook(site_hook(ls.index, position, part, where.output in ls.flat)))
-                feeder = None if where.input is None else getattr(ls, where.input)
-                if feeder is not None:
-                    self._handles.append(feeder.register_forward_pre_hook(capture_hook(ls.index, position)))
-            self._hooked.append(position)
+    def _attach_hooks(self, positions: Sequence[str]) -> None:
+        """Hook ``positions`` on every layer that has their modules (when an adapter first needs them)."""
+        self._attachment.hook(positions)
 
     def detach(self) -> nn.Module:
         """Remove every hook and wrapper and return the base model, exactly as it was."""
-        for h in self._handles:
-            h.remove()
-        for w in self._norm_wrappers:
-            if w.module.__dict__.get("forward") is w:
-                if w.own_forward is None:
-                    del w.module.forward
-                else:
-                    w.module.forward = w.own_forward
-        self._handles, self._norm_wrappers, self._hooked = [], [], []
+        self._attachment.detach()
         return self.base
 
     def __deepcopy__(self, memo: dict) -> AdapterModel:
@@ -286,22 +146,7 @@ class AdapterModel(nn.Module):
         memo[id(self)] = clone
         for key, value in self.__dict__.items():
             clone.__dict__[key] = copy.deepcopy(value, memo)
-        ours = {h.id for h in self._handles}
-        for module in clone.base.modules():
-            for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                         "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
-                hooks = module.__dict__.get(name)
-                for hook_id in ours if hooks is not None else ():
-                    hooks.pop(hook_id, None)
-            fn = module.__dict__.get("_gradient_checkpointing_func")
-            if isinstance(fn, _RoutedCheckpoint):
-                fn.owner = weakref.ref(clone)
-        for wrapper in clone._norm_wrappers:
-            wrapper.owner = weakref.ref(clone)
-        clone._handles = []
-        if ours:
-            hooked, clone._hooked = clone._hooked, []
-            clone._attach_hooks(hooked)
+        clone._attachment.rebind_copy(clone, clone.base, clone.layer_sites)
         return clone
 
     def _route(self) -> Route | None:
@@ -646,10 +491,7 @@ class AdapterModel(nn.Module):
         self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs["use_reentrant"]:
             self.base.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
-        for module in self.base.modules():
-            fn = module.__dict__.get("_gradient_checkpointing_func")
-            if fn is not None and not isinstance(fn, _RoutedCheckpoint):
-                module._gradient_checkpointing_func = _RoutedCheckpoint(fn, self)
+        self._attachment.wrap_checkpointing(self.base)
 
     def gradient_checkpointing_disable(self) -> None:
         self.base.gradient_checkpointing_disable()
