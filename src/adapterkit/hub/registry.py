@@ -484,10 +484,16 @@ class IndexedRegistry(Registry):
         ``publish_upload`` checks again under the write lock, which is what counts."""
         with self._read() as db:
             if owner is not None:
-                row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (ref.namespace,)).fetchone()
-                if row is not None and row["owner"] != owner:
+                # One statement, so one snapshot: as two, a publisher committing the namespace's owner
+                # and its first version between them looks like an ownerless namespace with versions.
+                row = db.execute(
+                    "SELECT (SELECT owner FROM namespaces WHERE name = ?) AS owner,"
+                    " EXISTS (SELECT 1 FROM versions WHERE namespace = ?) AS used",
+                    (ref.namespace, ref.namespace),
+                ).fetchone()
+                if row["owner"] is not None and row["owner"] != owner:
                     raise Forbidden(_not_yours(ref.namespace, row["owner"], owner))
-                if row is None and db.execute("SELECT 1 FROM versions WHERE namespace = ? LIMIT 1", (ref.namespace,)).fetchone():
+                if row["owner"] is None and row["used"]:
                     raise Forbidden(_ownerless(ref.namespace))
             if ref.version is not None:
                 row = db.execute(
