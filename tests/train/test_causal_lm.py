@@ -205,3 +205,40 @@ def test_adapterkit_train_causal_lm_from_a_chat_file(tmp_path, tiny_lm, capsys):
     assert meta["task"]["type"] == "causal_lm" and meta["metrics"]["val_exact_match"] == best["val_exact_match"]
     code = main([*argv, "--metric", "macro_f1"])
     assert code == 2 and "scored by accuracy" in capsys.readouterr().err
+
+
+def test_the_hf_trainer_trains_a_causal_lm_adapter(tmp_path, tiny_lm):
+    """``AdapterTrainer`` on prompt/response items: loss on the answers only, the base untouched, and
+    its checkpoint (only the artifact) answers like the trained model."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from adapterkit.training.hf import ARTIFACT_NAME, AdapterTrainer
+
+    folder, tok = tiny_lm
+    model = ak.AdapterModel(AutoModelForCausalLM.from_pretrained(folder))
+    before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    torch.manual_seed(0)
+    model.add_adapter("animals", ak.AdapterConfig("houlsby", bottleneck_size=16), head="causal_lm")
+    train = [encode_lm_example(Example(r["prompt"], 0, r["response"]), tok, 32) for r in rows(96, seed=1)]
+    test_rows = rows(24, seed=2)
+    prompts, refs = [r["prompt"] for r in test_rows], [r["response"] for r in test_rows]
+    base_em = exact_match(generate_answers(model.eval(), tok, prompts, adapter=None, max_new_tokens=2), refs)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), num_train_epochs=12, per_device_train_batch_size=16, learning_rate=1e-2,
+        lr_scheduler_type="constant", weight_decay=0.0, save_strategy="epoch", save_total_limit=1,
+        logging_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    trainer = AdapterTrainer(model=model, adapter_name="animals", args=args, train_dataset=train,
+                             data_collator=lambda items: collate(items, tok.pad_token_id))
+    trainer.train()
+    model.eval()
+    answers = generate_answers(model, tok, prompts, adapter="animals", max_new_tokens=2)
+    assert exact_match(answers, refs) >= 0.9 > base_em + 0.4
+    assert all(torch.equal(before[k], v) for k, v in model.base.state_dict().items())
+    checkpoint = max((tmp_path / "hf").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert sorted(p.name for p in checkpoint.iterdir() if p.suffix in (".safetensors", ".bin")) == [ARTIFACT_NAME]
+    fresh = ak.AdapterModel(AutoModelForCausalLM.from_pretrained(folder)).eval()
+    fresh.load_adapter(checkpoint / ARTIFACT_NAME)
+    assert ak.read_metadata(checkpoint / ARTIFACT_NAME)["task"]["type"] == "causal_lm"
+    assert generate_answers(fresh, tok, prompts, adapter="animals", max_new_tokens=2) == answers
