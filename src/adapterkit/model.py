@@ -550,6 +550,10 @@ class AdapterModel(nn.Module):
         """Load one artifact (a file path, or ``"hub:namespace/name@version"``) as adapter ``name``
         (default: the name saved in it). Costs time in proportion to this adapter alone.
 
+        Also a folder saved by PEFT or the adapters library (``adapter_config.json``; converted
+        exactly, or refused naming what does not map: ``adapterkit.interop``), and
+        ``"hf:org/name[@revision]"`` from the Hugging Face Hub (through ``huggingface_hub``'s cache).
+
         Everything is checked before the model changes: a bad file, metadata, base model or shape
         raises and leaves the model exactly as it was.
         """
@@ -557,6 +561,14 @@ class AdapterModel(nn.Module):
             from .hub import resolve_reference  # the hub is optional; imported only when used
 
             path = resolve_reference(path)
+        if isinstance(path, str) and path.startswith("hf:"):
+            from .interop.hf import resolve_hf  # huggingface_hub's cache: a snapshot folder or file
+
+            path = resolve_hf(path)
+        if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file():
+            from .interop import load_foreign  # a PEFT or adapters-library folder, converted exactly
+
+            return load_foreign(path, self, name=name, dtype=dtype)
         # From the header alone, before any tensor is read or module built: the tensors' names and
         # shapes must be exactly those the metadata's config implies for this model (memory follows
         # from the file's size, never from a size its metadata claims).

@@ -192,5 +192,7 @@ def test_no_pickle_in_the_package():
     src = pathlib.Path(adapterkit.__file__).parent
     for f in src.rglob("*.py"):
         text = f.read_text()
+        # the one exception the issue allows: foreign ``.bin`` files, read with weights_only=True
+        lines = [ln for ln in text.splitlines() if not ("torch.load(" in ln and "weights_only=True" in ln)]
         for needle in ("import pickle", "torch.load(", "pickle.load"):
-            assert needle not in text, f"{f}: {needle}"
+            assert needle not in "\n".join(lines), f"{f}: {needle}"

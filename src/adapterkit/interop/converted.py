@@ -1,0 +1,79 @@
+"""A foreign checkpoint translated into adapterkit's terms, and putting it into a model.
+
+Readers (``peft_format``, ``adapters_format``) produce a ``Converted``: an ``AdapterConfig``, the task
+head and labels, and the full state dict of the ``TaskAdapter`` that config builds. ``install`` adds it
+to the model only when every tensor name and shape is exactly what that adapter expects, so a failed
+import leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import AdapterConfig
+from .module_map import InteropError
+
+if TYPE_CHECKING:
+    from ..model import AdapterModel
+
+
+@dataclass
+class Converted:
+    """One adapter in adapterkit's terms.
+
+    Attributes:
+        config: the adapterkit config that expresses the foreign one exactly.
+        head: ``add_adapter``'s head (``"classification"``, ``"token_classification"``) or None.
+        labels: label names, in logit order (with a head).
+        tensors: the ``TaskAdapter`` state dict (``layers.{i}.{position}.*``, ``layers.{i}.norms.*``,
+            ``head.*``), complete: positions the source leaves unadapted hold identity weights.
+        source: what it came from, for the artifact's metadata (``format``, ``library``, ``config``).
+        name: the name the source gives it, if any.
+    """
+
+    config: AdapterConfig
+    head: str | None
+    labels: list[str]
+    tensors: dict[str, torch.Tensor]
+    source: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+
+def install(model: AdapterModel, converted: Converted, name: str, dtype: torch.dtype | None = None) -> str:
+    """Add ``converted`` to ``model`` as adapter ``name``; on any mismatch nothing is left behind."""
+    model._check_new_name(name)
+    adapter = model.add_adapter(name, converted.config, head=converted.head, labels=converted.labels, dtype=dtype)
+    try:
+        expected = adapter.state_dict()
+        missing = sorted(set(expected) - set(converted.tensors))
+        unexpected = sorted(set(converted.tensors) - set(expected))
+        if missing or unexpected:
+            raise InteropError(f"converted tensors do not fit the adapter (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        wrong = [k for k, v in expected.items() if converted.tensors[k].shape != v.shape]
+        if wrong:
+            raise InteropError(
+                "converted tensor shapes do not fit this model: "
+                + "; ".join(f"{k} {tuple(converted.tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:4])
+            )
+        adapter.load_state_dict({k: t.to(expected[k].dtype) for k, t in converted.tensors.items()}, strict=True)
+    except Exception:
+        model.delete_adapter(name)
+        raise
+    adapter.source = dict(converted.source)  # read by save_adapter's callers (convert records it)
+    return name
+
+
+def labels_for(model: AdapterModel, n: int, given: list[str] | None = None) -> list[str]:
+    """Label names for an n-way head: ``given``, else the base config's ``id2label`` when it has n
+    entries, else LABEL_0..LABEL_{n-1} (neither PEFT nor a bare head stores names)."""
+    if given is not None:
+        if len(given) != n:
+            raise InteropError(f"{len(given)} labels given for a head with {n} outputs")
+        return list(given)
+    id2label = getattr(model.base.config, "id2label", None) or {}
+    if len(id2label) == n:
+        return [str(id2label[i]) if i in id2label else str(id2label[str(i)]) for i in range(n)]
+    return [f"LABEL_{i}" for i in range(n)]
