@@ -32,6 +32,7 @@ class TaskType:
         labels: how an example carries its labels: ``"row"`` (one label), ``"word"`` (one tag per word,
             on its first sub-word; -100 elsewhere) or None (no labels: language modelling).
         endpoint: the server's endpoint for this task type; ``lane``: its batching lane there.
+        trainable: ``adapterkit train --task-type`` accepts it (it has labelled or prompt/response data).
     """
 
     name: str
@@ -42,6 +43,7 @@ class TaskType:
     labels: str | None = "row"
     endpoint: str | None = None
     lane: str | None = None
+    trainable: bool = True
 
     def build_head(self, spec: dict[str, Any], hidden_size: int, pooling: str | None) -> nn.Module:
         """This type's head from its JSON spec ``{"type", "num_labels", "dropout"}``."""
@@ -70,9 +72,9 @@ TASKS: dict[str, TaskType] = {
         TaskType("token_classification", TokenClassificationHead, per_token=True, labels="word",
                  endpoint="/v1/tag", lane="tag"),
         # head=None on a base that can generate: its own LM head, shared by every task
-        TaskType("lm", None, labels=None, endpoint="/v1/generate", lane="generate"),
+        TaskType("lm", None, labels=None, endpoint="/v1/generate", lane="generate", trainable=False),
         # head=None on any other base: its own outputs (hidden states)
-        TaskType("none", None, labels=None, endpoint="/v1/generate", lane="generate"),
+        TaskType("none", None, labels=None, endpoint="/v1/generate", lane="generate", trainable=False),
         # an LM adapter trained on prompt/response pairs (causal_lm.py reads its data; loss on the response)
         TaskType("causal_lm", None, labels=None, endpoint="/v1/generate", lane="generate"),
     )
@@ -81,6 +83,8 @@ TASKS: dict[str, TaskType] = {
 # Task types with a head of their own (trained from labelled examples), and those without.
 HEAD_TYPES: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.head is not None)
 HEADLESS_TYPES: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.head is None)
+# Task types one can train from a data file (``adapterkit train --task-type``).
+TRAINABLE_TYPES: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.trainable)
 
 
 def get_task(name: str) -> TaskType:

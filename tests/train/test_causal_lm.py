@@ -242,3 +242,23 @@ def test_the_hf_trainer_trains_a_causal_lm_adapter(tmp_path, tiny_lm):
     fresh.load_adapter(checkpoint / ARTIFACT_NAME)
     assert ak.read_metadata(checkpoint / ARTIFACT_NAME)["task"]["type"] == "causal_lm"
     assert generate_answers(fresh, tok, prompts, adapter="animals", max_new_tokens=2) == answers
+
+
+def test_train_task_type_choices_come_from_the_task_registry(capsys):
+    """``--task-type`` offers every trainable record of ``tasks.TASKS`` (causal_lm included) and refuses
+    the untrainable ones (``lm``: a base model's own head) with argparse's error naming the choices."""
+    import argparse
+
+    from adapterkit.tasks import TASKS, TRAINABLE_TYPES
+    from adapterkit.training.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    base = ["train", "--base", "b", "--data", "d.csv", "--task", "t", "--out", "o.safetensors"]
+    assert "causal_lm" in TRAINABLE_TYPES and "classification" in TRAINABLE_TYPES
+    assert set(TRAINABLE_TYPES) == {n for n, t in TASKS.items() if t.trainable}
+    for name in TRAINABLE_TYPES:
+        assert parser.parse_args([*base, "--task-type", name]).task_type == name
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--task-type", "lm"])
+    assert "invalid choice: 'lm'" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from ..config import KINDS
-from ..data import TASK_TYPES
+from ..tasks import TRAINABLE_TYPES
 from .config import DEFAULT_LR, METRICS
 
 # Adapter options: with --full there is no adapter, so giving any of them is a mistake worth saying.
@@ -56,7 +56,7 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--kind", choices=KINDS, help="adapter kind (default: houlsby)")
     p.add_argument("--full", action="store_true", help="full fine-tuning (base + head) instead of an adapter; "
                    "also writes OUT.base.safetensors, the fine-tuned base weights the artifact belongs to")
-    p.add_argument("--task-type", choices=(*TASK_TYPES, "causal_lm"))
+    p.add_argument("--task-type", choices=TRAINABLE_TYPES)
     _data_columns(p)
     p.add_argument("--label-column", default="label")
     p.add_argument("--tags-column", default="tags")
