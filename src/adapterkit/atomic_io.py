@@ -1,4 +1,7 @@
-"""Crash-safe file writes: every file adapterkit writes goes through here.
+"""Crash-safe file writes: every file adapterkit writes whole goes through here.
+
+The one exception: the hub's streamed blob writes (``hub/store.py``, ``hub/client.py``,
+``hub/blobs_s3.py``), which verify a sha256 while the bytes arrive, follow the same steps inline.
 
 A write fills a temp file beside the target, fsyncs it, renames it over the target and fsyncs the
 folder, so a crash at any point leaves the old file or the new one, never a partial one. Files get the
