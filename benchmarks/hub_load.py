@@ -32,7 +32,6 @@ from pathlib import Path
 import httpx
 import torch
 
-from adapterkit.artifact import FORMAT, FORMAT_VERSION, write_artifact
 from adapterkit.hub.registry import LocalRegistry
 from adapterkit.hub.tokens import TokenStore
 
@@ -40,24 +39,23 @@ START_TIMEOUT = 120.0
 
 
 def make_artifacts(folder: Path, count: int, hidden: int, r: int, layers: int) -> list[Path]:
-    """Distinct, valid artifacts (random bottleneck weights) for one made-up base model."""
-    fp = {
-        "model_type": "bert", "name_or_path": "bench-bert", "hidden_size": hidden, "num_layers": layers,
-        "vocab_size": 30522, "probe": [0.01 * i for i in range(15)], "id": f"bert-{hidden}x{layers}-0123456789ab",
-    }
+    """Distinct, valid artifacts (seeded Pfeiffer adapters) of one small random BERT: saved by
+    ``save_adapter``, so they pass the hub's publish checks (tensor names and shapes from the config)."""
+    from transformers import BertConfig, BertModel
+
+    from adapterkit import AdapterConfig, AdapterModel
+
+    heads = max(1, hidden // 64)
+    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, vocab_size=1000)
+    torch.manual_seed(0)
+    model = AdapterModel(BertModel(config).eval())
     paths = []
     for i in range(count):
-        g = torch.Generator().manual_seed(i)
-        tensors = {}
-        for layer in range(layers):
-            tensors[f"layers.{layer}.ffn.down"] = torch.randn(hidden, r, generator=g) * 1e-2
-            tensors[f"layers.{layer}.ffn.up"] = torch.randn(r, hidden, generator=g) * 1e-2
-        meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": "bench", "name": f"task{i}",
-            "config": {"kind": "pfeiffer", "bottleneck_size": r}, "task": {"type": "none", "labels": []},
-            "head": None, "base": fp,
-        }
-        paths.append(write_artifact(folder / f"a{i}.safetensors", tensors, meta))
+        torch.manual_seed(1000 + i)  # each artifact its own weights, so each is its own blob
+        model.add_adapter(f"task{i}", AdapterConfig("pfeiffer", bottleneck_size=r))
+        paths.append(model.save_adapter(f"task{i}", folder / f"a{i}.safetensors") or folder / f"a{i}.safetensors")
+        model.delete_adapter(f"task{i}")
     return paths
 
 
