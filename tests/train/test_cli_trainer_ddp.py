@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -104,14 +105,40 @@ def _cli(minilm, files, out, extra=()):
             "--no-progress", "--threads", "1", *extra]
 
 
-def _run_group(cmd, env, timeout=240):
-    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, from /proc: torchrun starts each worker in a session of its
+    own, so killing torchrun's process group leaves them (and their hold on our pipes) behind."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _run_group(cmd, env, timeout=600):
+    """Run ``cmd`` in its own session; past ``timeout`` (a hang guard, not a speed check) kill it and
+    every process it started, workers in sessions of their own included, and fail."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        stragglers = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        for pid in stragglers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            err = "(no output: the pipes stayed open)"
         pytest.fail(f"timed out: {' '.join(cmd[:6])}...\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
