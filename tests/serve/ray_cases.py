@@ -73,6 +73,11 @@ def ray_url(minilm, artifacts):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Ray Serve waits a fixed 60 s for its HTTP proxy actor to start, which a loaded 2-core machine can
+    # exceed (seen beside a CPU hog on both cores); a longer hang guard, not a different behaviour.
+    import ray.serve._private.api as serve_api
+
+    serve_api.HTTP_PROXY_TIMEOUT = max(serve_api.HTTP_PROXY_TIMEOUT, 600)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(base=str(minilm), registry=str(artifacts), max_batch_size=8, max_wait_ms=20, max_length=64)
