@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
-from .converted import Converted, labels_for
+from .converted import Converted, labels_for, load_weight_file
 from .module_map import InteropError, ModuleMap
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def read_adapters(folder: str | Path, model: AdapterModel, labels: list[str] | N
                            f"library's placement was verified on {', '.join(VERIFIED_MODEL_TYPES)}")
     if meta.get("model_type") not in (None, model_type):
         raise InteropError(f"{folder}: saved for model_type {meta.get('model_type')!r}, this model is {model_type!r}")
-    weights = _load(folder, WEIGHTS)
+    weights = load_weight_file(folder, WEIGHTS)
     converted = _read_bottleneck(config, name, weights, ModuleMap(model), model)
     converted.name = name
     converted.source = {"format": "adapters", "version": meta.get("version"), "model_name": meta.get("model_name")}
@@ -124,19 +124,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise InteropError(f"{path}: not an adapters-library config (no 'config' object)")
     return data
-
-
-def _load(folder: Path, names: tuple[str, str]) -> dict[str, torch.Tensor]:
-    """Safetensors first; the ``.bin`` pickle only through ``torch.load(weights_only=True)``."""
-    st, binary = folder / names[0], folder / names[1]
-    if st.is_file():
-        return dict(load_file(str(st)))
-    if binary.is_file():
-        data = torch.load(str(binary), map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise InteropError(f"{binary}: not a dict of tensors")
-        return data
-    raise InteropError(f"{folder}: no {names[0]} (or {names[1]})")
 
 
 def _read_bottleneck(config: dict[str, Any], name: str | None, weights: dict[str, torch.Tensor], mmap: ModuleMap,
@@ -225,7 +212,7 @@ def _position_of(module: str, mmap: ModuleMap, kind: str) -> tuple[int, str]:
 def _read_head(folder: Path, model: AdapterModel, labels: list[str] | None) -> tuple[str, dict, list[str]]:
     meta = _read_json(folder / HEAD_CONFIG_NAME)
     cfg, name = meta["config"], meta.get("name")
-    weights = _load(folder, HEAD_WEIGHTS)
+    weights = load_weight_file(folder, HEAD_WEIGHTS)
     prefix = f"heads.{name}."
     params = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     if len(params) != len(weights):

@@ -9,9 +9,11 @@ import leaves the model as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file
 
 from ..config import AdapterConfig
 from .module_map import InteropError
@@ -77,3 +79,17 @@ def labels_for(model: AdapterModel, n: int, given: list[str] | None = None) -> l
     if len(id2label) == n:
         return [str(id2label[i]) if i in id2label else str(id2label[str(i)]) for i in range(n)]
     return [f"LABEL_{i}" for i in range(n)]
+
+
+def load_weight_file(folder: Path, names: tuple[str, str]) -> dict[str, torch.Tensor]:
+    """``names[0]`` (safetensors) if present, else ``names[1]`` (a ``.bin`` pickle) read only through
+    ``torch.load(weights_only=True)``, from which nothing but a dict of tensors is accepted."""
+    st, binary = folder / names[0], folder / names[1]
+    if st.is_file():
+        return dict(load_file(str(st)))
+    if binary.is_file():
+        data = torch.load(str(binary), map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise InteropError(f"{binary}: not a dict of tensors")
+        return data
+    raise InteropError(f"{folder}: no {names[0]} (or {names[1]})")

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
 from ..kinds import ia3 as ia3_kind
 from ..kinds import lora as lora_kind
-from .converted import Converted, labels_for
+from .converted import Converted, labels_for, load_weight_file
 from .module_map import InteropError, ModuleMap
 
 if TYPE_CHECKING:
@@ -94,17 +94,8 @@ def read_peft(folder: str | Path, model: AdapterModel, labels: list[str] | None 
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """``adapter_model.safetensors``, else ``adapter_model.bin`` through ``torch.load(weights_only=True)``
-    (a pickle: nothing but tensors is accepted from it)."""
-    st, binary = folder / WEIGHTS_NAMES[0], folder / WEIGHTS_NAMES[1]
-    if st.is_file():
-        return dict(load_file(str(st)))
-    if binary.is_file():
-        data = torch.load(str(binary), map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise InteropError(f"{binary}: not a dict of tensors")
-        return data
-    raise InteropError(f"{folder}: no {WEIGHTS_NAMES[0]} (or {WEIGHTS_NAMES[1]})")
+    """``adapter_model.safetensors``, else ``adapter_model.bin`` (tensors only, ``weights_only=True``)."""
+    return load_weight_file(folder, WEIGHTS_NAMES)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
