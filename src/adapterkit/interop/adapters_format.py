@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
-from .converted import Converted, labels_for, load_weight_file
+from .converted import Converted, labels_for, load_weight_file, read_json_object
 from .module_map import InteropError, ModuleMap
 
 if TYPE_CHECKING:
@@ -115,13 +115,8 @@ def read_adapters(folder: str | Path, model: AdapterModel, labels: list[str] | N
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InteropError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InteropError(f"{path}: not JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+    data = read_json_object(path)
+    if not isinstance(data.get("config"), dict):
         raise InteropError(f"{path}: not an adapters-library config (no 'config' object)")
     return data
 

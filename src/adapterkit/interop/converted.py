@@ -8,6 +8,7 @@ import leaves the model as it was.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,3 +94,23 @@ def load_weight_file(folder: Path, names: tuple[str, str]) -> dict[str, torch.Te
             raise InteropError(f"{binary}: not a dict of tensors")
         return data
     raise InteropError(f"{folder}: no {names[0]} (or {names[1]})")
+
+
+CONFIG_MAX_BYTES = 1 << 20  # a real adapter_config.json is a few KB: refuse before reading a huge one
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` (at most ``CONFIG_MAX_BYTES``), or InteropError saying why not."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise InteropError(f"{path} not found") from None
+    if size > CONFIG_MAX_BYTES:
+        raise InteropError(f"{path}: {size:,} bytes, more than the {CONFIG_MAX_BYTES:,} a config may have")
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InteropError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InteropError(f"{path}: not a JSON object")
+    return data

@@ -36,7 +36,7 @@ from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
 from ..kinds import ia3 as ia3_kind
 from ..kinds import lora as lora_kind
-from .converted import Converted, labels_for, load_weight_file
+from .converted import Converted, labels_for, load_weight_file, read_json_object
 from .module_map import InteropError, ModuleMap
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ _IA3_REFUSED = (("target_parameters", None),)
 
 def is_peft_folder(folder: Path) -> bool:
     """A folder PEFT saved: its ``adapter_config.json`` has ``peft_type``."""
-    config = _read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
+    config = read_json_object(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
     return isinstance(config, dict) and "peft_type" in config
 
 
@@ -66,7 +66,7 @@ def read_peft(folder: str | Path, model: AdapterModel, labels: list[str] | None 
     model PEFT adapted, bare or with the task head PEFT wrapped). Raises InteropError naming what does
     not map exactly."""
     folder = Path(folder)
-    config = _read_json(folder / CONFIG_NAME)
+    config = read_json_object(folder / CONFIG_NAME)
     peft_type = config.get("peft_type")
     weights = _strip(load_weights(folder))
     mmap = ModuleMap(model)
@@ -96,18 +96,6 @@ def read_peft(folder: str | Path, model: AdapterModel, labels: list[str] | None 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     """``adapter_model.safetensors``, else ``adapter_model.bin`` (tensors only, ``weights_only=True``)."""
     return load_weight_file(folder, WEIGHTS_NAMES)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InteropError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InteropError(f"{path}: not JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InteropError(f"{path}: not a JSON object")
-    return data
 
 
 def _strip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
