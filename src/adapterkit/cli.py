@@ -28,6 +28,7 @@ COMMAND_PARTS = (
     CommandPart("adapterkit.training.cli", ("train", "predict", "evaluate"), "train"),
     CommandPart("adapterkit.hub.cli", ("hub",), "hub"),
     CommandPart("adapterkit.serve.cli", ("serve",), "serve"),
+    CommandPart("adapterkit.interop.cli", ("convert", "export"), "all"),
 )
 
 
