@@ -160,3 +160,37 @@ def tiny_inputs(model_type: str, batch: int = 4, seq: int = 9, seed: int = 1) ->
 
 def package_dir(module: str) -> pathlib.Path:
     return pathlib.Path(next(iter(importlib.util.find_spec(module).submodule_search_locations)))
+
+
+# -- tiny generative models with a word-level tokenizer (prompt/response tasks) ---------------------
+
+WORD_SPECIALS = ["<pad>", "<unk>", "<eos>", "<bos>"]  # ids 0..3
+# the special ids of every tiny seq2seq LM below; the decoder starts from pad (T5's way) or EOS (BART's)
+_S2S_SPECIAL_IDS = dict(pad_token_id=0, eos_token_id=2, bos_token_id=3)
+_S2S_START = {"t5": 0, "bart": 2}
+# init scales at which a 32-wide model's logits can be confident (at BART's default 0.02 its loss floors
+# near ln(vocab)), and no dropout: a few hundred steps then memorise a handful of answers
+_S2S_INIT = {"t5": dict(initializer_factor=1.0, dropout_rate=0.0), "bart": dict(init_std=0.3, dropout=0.0)}
+
+
+def word_tokenizer(words: list[str]):
+    """A fast word-level tokenizer: ``WORD_SPECIALS`` then ``words`` (sorted, deduplicated); it splits on
+    white space and, as T5's does, ends every text with ``<eos>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = WORD_SPECIALS + sorted(set(words) - set(WORD_SPECIALS))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    backend.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>", bos_token="<bos>")
+
+
+def tiny_seq2seq_lm(model_type: str, vocab_size: int, seed: int = 0):
+    """A tiny random T5 or BART (``TINY``'s dims) for ``word_tokenizer``'s ids, with its LM head."""
+    kwargs = dict(TINY[model_type][0], vocab_size=vocab_size, decoder_start_token_id=_S2S_START[model_type],
+                  **_S2S_SPECIAL_IDS, **_S2S_INIT[model_type])
+    torch.manual_seed(seed)
+    return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(model_type, **kwargs)).eval()

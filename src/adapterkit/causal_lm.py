@@ -37,19 +37,21 @@ def load_lm_task(
     response_column: str = "response",
     messages_column: str = "messages",
     encoding: str = "utf-8",
+    task_type: str = TASK_TYPE,
+    chats: bool = True,
 ) -> TaskData:
     """Read prompt/response examples (or chats) from a ``.csv`` / ``.tsv`` / ``.jsonl`` file.
 
     A row with ``messages_column`` is a chat: a JSON list (or, in a CSV cell, a JSON string) of
     ``{"role": "system"|"user"|"assistant", "content": str}`` ending with the assistant's answer. Every
-    other row needs ``prompt_column`` and ``response_column``. Returns ``TaskData("causal_lm", [], ...)``
+    other row needs ``prompt_column`` and ``response_column``. Returns ``TaskData(task_type, [], ...)``
     whose examples hold the prompt (a string, or the chat's messages before the answer) in ``text`` and
-    the response in ``text_pair``.
+    the response in ``text_pair``. ``chats=False`` (``seq2seq``) refuses chat rows.
     """
     path = Path(source)
     suffix = path.suffix.lower()
     if not path.is_file():
-        raise DataError(f"{path}: no such file (causal_lm data is a .csv, .tsv or .jsonl file)")
+        raise DataError(f"{path}: no such file ({task_type} data is a .csv, .tsv or .jsonl file)")
     if suffix in (".jsonl", ".ndjson", ".json"):
         rows = _read_jsonl(path, encoding)
     elif suffix in (".csv", ".tsv"):
@@ -59,6 +61,9 @@ def load_lm_task(
     examples = []
     for where, row in rows:
         if messages_column in row and row[messages_column] not in (None, ""):
+            if not chats:
+                raise DataError(f"{where}: a {task_type} example is a {prompt_column!r} and a {response_column!r}, "
+                                f"not a chat ({messages_column!r}: causal_lm only)")
             prompt, response = _split_chat(row[messages_column], where, messages_column)
         else:
             for col in (prompt_column, response_column):
@@ -70,7 +75,7 @@ def load_lm_task(
         examples.append(Example(prompt, 0, response, where))
     if not examples:
         raise DataError(f"{path}: no examples")
-    return TaskData(TASK_TYPE, [], examples, str(path))
+    return TaskData(task_type, [], examples, str(path))
 
 
 def _split_chat(value: Any, where: str, column: str) -> tuple[list[dict[str, str]], str]:
@@ -150,8 +155,13 @@ def generate_answers(
     max_new_tokens: int = 8,
     batch_size: int = 32,
 ) -> list[str]:
-    """Greedy answers to ``prompts`` with ``adapter`` (None: the base alone), batched and left-padded."""
+    """Greedy answers to ``prompts`` with ``adapter`` (None: the base alone), batched.
+
+    A decoder's prompts are left-padded and its answer is what follows the prompt; an encoder-decoder's
+    (``seq2seq``) are right-padded into the encoder and its answer is the whole generated sequence.
+    """
     device = next(model.parameters()).device
+    encoder_decoder = _is_encoder_decoder(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     encoded = []
     for p in prompts:
@@ -168,14 +178,18 @@ def generate_answers(
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, i in enumerate(rows):
-                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]) :] = 1
+                at = slice(0, len(encoded[i])) if encoder_decoder else slice(width - len(encoded[i]), width)
+                ids[r, at] = torch.tensor(encoded[i])
+                mask[r, at] = 1
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), adapter_names=[adapter] * len(rows),
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
             )
+            # a decoder returns prompt + continuation (B, width + n); an encoder-decoder its decoder's
+            # start token + the answer (B, 1 + n)
+            start = 1 if encoder_decoder else width
             for r, i in enumerate(rows):
-                answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True)
+                answers[i] = tokenizer.decode(out[r, start:], skip_special_tokens=True)
     finally:
         model.train(was_training)
     return answers
@@ -191,14 +205,26 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 @torch.no_grad()
 def response_nll(model: Any, batch: dict[str, torch.Tensor], adapter: str | None) -> tuple[float, int]:
-    """Summed negative log-likelihood of the labelled (response) tokens of one batch, and their count."""
+    """Summed negative log-likelihood of the labelled (response) tokens of one batch, and their count.
+
+    On an encoder-decoder the labels are the decoder's (the model shifts them into its inputs)."""
     labels = batch["labels"]
     names = [adapter] * labels.shape[0]  # per row: all None means the base alone, not the active adapter
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names)
-    logits = out.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    target = labels[:, 1:].to(logits.device)
+    if _is_encoder_decoder(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    adapter_names=names)
+        logits = out.logits.float()  # (B, L, V): position t predicts label t
+        target = labels.to(logits.device)
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names)
+        logits = out.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        target = labels[:, 1:].to(logits.device)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
     return float(nll), int((target != -100).sum())
+
+
+def _is_encoder_decoder(model: Any) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def perplexity(total_nll: float, tokens: int) -> float:

@@ -103,14 +103,17 @@ def load_task(
             error. Default: the labels found here, sorted (numerically when all are integers).
         split: the split to read from a ``datasets`` dataset or dict.
         encoding: text encoding of CSV / TSV / JSON Lines files.
-        prompt_column, response_column, messages_column: for ``causal_lm`` (``causal_lm.load_lm_task``):
-            prompt/response pairs or chats, from a CSV / TSV / JSON Lines file.
+        prompt_column, response_column, messages_column: for the generative types (``causal_lm``,
+            ``seq2seq``; ``causal_lm.load_lm_task``): prompt/response pairs (or, for ``causal_lm``,
+            chats) from a CSV / TSV / JSON Lines file.
     """
-    if task_type == "causal_lm":
+    generative = TASKS.get(task_type) if isinstance(task_type, str) else None
+    if generative is not None and generative.generative:
         from .causal_lm import load_lm_task
 
         return load_lm_task(source, prompt_column=prompt_column, response_column=response_column,
-                            messages_column=messages_column, encoding=encoding)
+                            messages_column=messages_column, encoding=encoding, task_type=task_type,
+                            chats=generative.generation == "causal")
     if task_type is not None and task_type not in TASK_TYPES:
         raise DataError(f"unknown task type {task_type!r}; expected one of {', '.join(TASK_TYPES)}")
     path = Path(source)
@@ -380,11 +383,17 @@ class EncodedTask(torch.utils.data.Dataset):
 
 def encode_example(example: Example, task_type: str, tokenizer: Any, max_length: int = 128) -> dict[str, Any]:
     """Tokenise one example; for token tasks, a word's tag goes on its first sub-word, -100 elsewhere;
-    for causal_lm, prompt + response with labels on the response only (``causal_lm.encode_lm_example``)."""
-    if task_type == "causal_lm":
+    for causal_lm, prompt + response with labels on the response only (``causal_lm.encode_lm_example``);
+    for seq2seq, the prompt in and the response as labels (``seq2seq.encode_seq2seq_example``)."""
+    generation = TASKS[task_type].generation
+    if generation == "causal":
         from .causal_lm import encode_lm_example
 
         return encode_lm_example(example, tokenizer, max_length)
+    if generation == "seq2seq":
+        from .seq2seq import encode_seq2seq_example
+
+        return encode_seq2seq_example(example, tokenizer, max_length)
     if TASKS[task_type].labels == "word":
         enc = tokenizer(example.text, is_split_into_words=True, truncation=True, max_length=max_length)
         word_ids = enc.word_ids()
@@ -403,7 +412,8 @@ def encode_example(example: Example, task_type: str, tokenizer: Any, max_length:
 
 def collate(features: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad a list of encoded examples to the longest: input_ids (B, T), attention_mask (B, T),
-    token_type_ids (B, T) when present, labels (B,) or (B, T) with -100 on padding."""
+    token_type_ids (B, T) when present, labels (B,) or (B, T') with -100 on padding (T' is the longest
+    label list: T, or a seq2seq decoder's own length)."""
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
     for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
@@ -411,8 +421,9 @@ def collate(features: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.
             batch[key] = torch.tensor([f[key] + [fill] * (width - len(f[key])) for f in features], dtype=torch.long)
     if "labels" in features[0]:
         if isinstance(features[0]["labels"], list):
+            label_width = max(len(f["labels"]) for f in features)
             batch["labels"] = torch.tensor(
-                [f["labels"] + [-100] * (width - len(f["labels"])) for f in features], dtype=torch.long
+                [f["labels"] + [-100] * (label_width - len(f["labels"])) for f in features], dtype=torch.long
             )
         else:
             batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)

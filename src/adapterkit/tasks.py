@@ -15,6 +15,9 @@ from torch import nn
 
 from .heads import SequenceClassificationHead, TokenClassificationHead
 
+# The base model's shapes of generative tasks (``TaskType.generation``).
+GENERATIONS: tuple[str, ...] = ("causal", "seq2seq")
+
 
 @dataclass(frozen=True)
 class TaskType:
@@ -33,6 +36,11 @@ class TaskType:
             on its first sub-word; -100 elsewhere) or None (no labels: language modelling).
         endpoint: the server's endpoint for this task type; ``lane``: its batching lane there.
         trainable: ``adapterkit train --task-type`` accepts it (it has labelled or prompt/response data).
+        generation: for a task trained on prompt/response data (``causal_lm.load_lm_task``) and scored by
+            its generated answers, the base model's shape: ``"causal"`` (a decoder-only LM: prompt and
+            response in one sequence, ``AutoModelForCausalLM``) or ``"seq2seq"`` (an encoder-decoder:
+            the prompt in, the response as the decoder's labels, ``AutoModelForSeq2SeqLM``); None for
+            every other task. Data reading, encoding, the base's auto class and evaluation derive from it.
     """
 
     name: str
@@ -44,6 +52,16 @@ class TaskType:
     endpoint: str | None = None
     lane: str | None = None
     trainable: bool = True
+    generation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.generation is not None and self.generation not in GENERATIONS:
+            raise ValueError(f"task type {self.name!r}: generation must be one of {GENERATIONS} or None")
+
+    @property
+    def generative(self) -> bool:
+        """Trained on prompt/response pairs and scored by its generated answers."""
+        return self.generation is not None
 
     def build_head(self, spec: dict[str, Any], hidden_size: int, pooling: str | None) -> nn.Module:
         """This type's head from its JSON spec ``{"type", "num_labels", "dropout"}``."""
@@ -76,7 +94,9 @@ TASKS: dict[str, TaskType] = {
         # head=None on any other base: its own outputs (hidden states)
         TaskType("none", None, labels=None, endpoint="/v1/generate", lane="generate", trainable=False),
         # an LM adapter trained on prompt/response pairs (causal_lm.py reads its data; loss on the response)
-        TaskType("causal_lm", None, labels=None, endpoint="/v1/generate", lane="generate"),
+        TaskType("causal_lm", None, labels=None, endpoint="/v1/generate", lane="generate", generation="causal"),
+        # the same for an encoder-decoder (T5, BART): the prompt is the encoder's input (seq2seq.py)
+        TaskType("seq2seq", None, labels=None, endpoint="/v1/generate", lane="generate", generation="seq2seq"),
     )
 }
 

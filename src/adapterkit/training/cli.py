@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from ..config import KINDS
-from ..tasks import TRAINABLE_TYPES
+from ..tasks import TASKS, TRAINABLE_TYPES
 from .config import DEFAULT_LR, METRICS
 
 # Adapter options: with --full there is no adapter, so giving any of them is a mistake worth saying.
@@ -60,8 +60,8 @@ def _register_train(subparsers: Any) -> None:
     _data_columns(p)
     p.add_argument("--label-column", default="label")
     p.add_argument("--tags-column", default="tags")
-    p.add_argument("--prompt-column", default="prompt", help="causal_lm: the prompt")
-    p.add_argument("--response-column", default="response", help="causal_lm: the answer the loss is on")
+    p.add_argument("--prompt-column", default="prompt", help="causal_lm, seq2seq: the prompt")
+    p.add_argument("--response-column", default="response", help="causal_lm, seq2seq: the answer the loss is on")
     p.add_argument("--messages-column", default="messages", help="causal_lm: a chat (rendered with the chat template)")
     p.add_argument("--validation-split", help="split to validate on, for datasets data (default: validation)")
     p.add_argument("--bottleneck-size", type=int, help="bottleneck width r (default: hidden size / 16)")
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
             "label_column": args.label_column, "tokens_column": args.tokens_column, "tags_column": args.tags_column,
             "encoding": args.encoding, "split": args.split,
         }
-        if args.task_type == "causal_lm":
+        if args.task_type is not None and TASKS[args.task_type].generative:
             options.update(prompt_column=args.prompt_column, response_column=args.response_column,
                            messages_column=args.messages_column)
         if args.validation_split:

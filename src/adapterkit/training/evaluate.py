@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import EncodedTask
 from ..model import AdapterModel
+from ..tasks import TASKS
 from .distributed import Dist, all_reduce
 
 
@@ -96,12 +97,18 @@ def evaluate(
     """Loss, accuracy and macro-F1 of adapter ``name`` on ``data`` (tokens with label -100 ignored).
 
     Under DDP each process takes every N-th example and the counts are summed across processes.
-    causal_lm tasks get ``causal_lm.evaluate_lm``'s scores (exact match or token accuracy as
-    ``accuracy``, perplexity)."""
-    if data.task_type == "causal_lm":
+    Generative tasks (``TaskType.generation``) get ``causal_lm.evaluate_lm``'s (a decoder) or
+    ``seq2seq.evaluate_seq2seq``'s (an encoder-decoder) scores: exact match or token accuracy as
+    ``accuracy``, perplexity."""
+    generation = TASKS[data.task_type].generation
+    if generation == "causal":
         from ..causal_lm import evaluate_lm
 
         return evaluate_lm(model, name, data, batch_size=batch_size, device=device, dist=_dist)
+    if generation == "seq2seq":
+        from ..seq2seq import evaluate_seq2seq
+
+        return evaluate_seq2seq(model, name, data, batch_size=batch_size, device=device, dist=_dist)
     confusion, loss = confusion_and_loss(model, name, data, batch_size=batch_size, device=device, dist=_dist)
     out = metrics_from_confusion(confusion)
     out["loss"] = loss

@@ -13,6 +13,7 @@ from ..config import AdapterConfig
 from ..data import TaskData, load_task, stratified_split
 from ..model import AdapterModel
 from ..sites import SiteSpec
+from ..tasks import TASKS
 from .config import DTYPES, TrainConfig, TrainResult
 from .loop import fit, quiet_loading
 
@@ -38,14 +39,16 @@ def train(
     ``data_options`` go to ``data.load_task`` (column names, task type, encoding...). ``sites``: as for
     ``AdapterModel`` (``"guess"`` or a ``SiteSpec``) for an architecture the site table lacks.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     cfg = config or TrainConfig()
     train_data, validation_data = _load_splits(data, validation, validation_fraction, cfg.seed, data_options)
-    causal = train_data.task_type == "causal_lm"
-    if causal and cfg.metric != "accuracy":
-        raise ValueError("a causal_lm task is scored by accuracy (exact match of short answers, else token accuracy)")
-    auto = AutoModelForCausalLM if causal else AutoModel  # causal_lm trains through the LM's own head
+    generation = TASKS[train_data.task_type].generation
+    if generation is not None and cfg.metric != "accuracy":
+        raise ValueError(f"a {train_data.task_type} task is scored by accuracy "
+                         "(exact match of short answers, else token accuracy)")
+    # a generative task trains through the LM's own head: a decoder's or an encoder-decoder's
+    auto = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}.get(generation, AutoModel)
     dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     # transformers' weight-loading bar is a progress bar too: shown only where ours would be
     with quiet_loading(not (cfg.progress and _stderr_is_terminal())):

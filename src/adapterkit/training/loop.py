@@ -361,7 +361,7 @@ def _end_of_epoch(run: _Run) -> None:
         "epoch": epoch,
         "step": state["step"],
         "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
-        # val_loss, val_accuracy, val_macro_f1; causal_lm: val_perplexity, val_exact_match... instead of F1
+        # val_loss, val_accuracy, val_macro_f1; causal_lm, seq2seq: val_perplexity, val_exact_match... instead of F1
         **{f"val_{k}": v for k, v in scores.items()},
         "lr": run.scheduler.get_last_lr()[0],
         "epoch_seconds": state["epoch_seconds"][-1],
