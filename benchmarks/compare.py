@@ -66,7 +66,9 @@ from adapterkit import AdapterConfig, AdapterModel
 KINDS = ("houlsby", "pfeiffer", "parallel")
 ADAPTERS_CONFIGS = {"houlsby": DoubleSeqBnConfig, "pfeiffer": SeqBnConfig, "parallel": ParBnConfig}
 LIBRARIES = ("adapterkit", "adapters", "peft", "naive", "full")
-TRAIN_LIBRARIES = ("adapterkit", "adapters", "peft", "full")
+# adapterkit_drop5: AdapterDrop, the lowest 5 layers without adapters (the backward stops above them)
+TRAIN_LIBRARIES = ("adapterkit", "adapters", "peft", "full", "adapterkit_drop5")
+DROP_LOWEST = 5
 LABELS = [f"l{i}" for i in range(5)]
 RF = 16  # reduction factor of every bottleneck adapter here
 LORA_R = 8
@@ -399,9 +401,11 @@ def hf_classifier(which: str) -> nn.Module:
 
 def training_model(which: str, lib: str) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
     """The model to train and a function (ids, mask, labels) -> loss."""
-    if lib == "adapterkit":
+    if lib in ("adapterkit", "adapterkit_drop5"):
         m = AdapterModel(load_base(which))
-        m.add_adapter("task", AdapterConfig("houlsby", reduction_factor=RF), head="classification", labels=LABELS)
+        drop = list(range(DROP_LOWEST)) if lib == "adapterkit_drop5" else []
+        config = AdapterConfig("houlsby", reduction_factor=RF, leave_out=drop)
+        m.add_adapter("task", config, head="classification", labels=LABELS)
         m.train_adapter("task")
         return m, lambda i, a, y: m(input_ids=i, attention_mask=a, labels=y).loss
     if lib == "adapters":
@@ -464,7 +468,8 @@ def bench_training(which: str, rounds: int, steps: int, threads: int) -> dict[st
     tensor_peaks: dict[str, list[float]] = {lib: [] for lib in TRAIN_LIBRARIES}
     trainable: dict[str, float] = {}
     for r in range(rounds):
-        order = TRAIN_LIBRARIES[r % 4 :] + TRAIN_LIBRARIES[: r % 4]
+        k = r % len(TRAIN_LIBRARIES)
+        order = TRAIN_LIBRARIES[k:] + TRAIN_LIBRARIES[:k]
         for lib in order:
             cmd = [sys.executable, __file__, "--train-one", which, lib, "--steps", str(steps), "--threads", str(threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -481,6 +486,10 @@ def bench_training(which: str, rounds: int, steps: int, threads: int) -> dict[st
         out[f"train_peak_mb_{lib}"] = median(peaks[lib])
         out[f"train_peak_tensor_mb_{lib}"] = median(tensor_peaks[lib])
         out[f"train_params_{lib}"] = trainable[lib]
+    # per round: each library's median step / full fine-tuning's median step in the same round
+    for lib, key in (("adapterkit", "train_step_ratio"), ("adapterkit_drop5", "train_step_ratio_drop5")):
+        out[key] = median(samples[lib]) / median(samples["full"])
+        print(f"[{which} {key} {out[key]:.3f}]", file=sys.stderr)
     return out
 
 
@@ -516,6 +525,10 @@ def check_targets(results: dict[str, float], models: Sequence[str]) -> list[tupl
         add(f"{m} train step <= {bound} x full and <= adapters'",
             [f"{m}_train_step_s_adapterkit", f"{m}_train_step_s_full", f"{m}_train_step_s_adapters"],
             lambda s, f, a, b=bound: (s <= b * f and s <= a, f"{s / f:.3f} x full; adapters {a / f:.3f} x full"))
+        if m == "bertbase":
+            add("bertbase train step with AdapterDrop (lowest 5 of 12 layers) <= 0.55 x full",
+                [f"{m}_train_step_s_adapterkit_drop5", f"{m}_train_step_s_full"],
+                lambda d, f: (d <= 0.55 * f, f"{d / f:.3f} x full"))
         add(f"{m} train peak RSS <= 0.8 x full and <= adapters'",
             [f"{m}_train_peak_mb_adapterkit", f"{m}_train_peak_mb_full", f"{m}_train_peak_mb_adapters"],
             lambda s, f, a: (s <= 0.8 * f and s <= a, f"{s:.0f} MB = {s / f:.3f} x full ({f:.0f}); adapters {a:.0f}"))

@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from .artifact import ArtifactError, BaseModelMismatch, read_metadata  # noqa: E402
+from .composition import Average, Parallel, Stack  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .model import AdapterModel, AdapterOutput, ParameterReport  # noqa: E402
 from .sites import SITES, SiteSpec, UnknownArchitecture, sites_for  # noqa: E402
@@ -18,10 +19,13 @@ __all__ = [
     "AdapterModel",
     "AdapterOutput",
     "ArtifactError",
+    "Average",
     "BaseModelMismatch",
+    "Parallel",
     "ParameterReport",
     "SITES",
     "SiteSpec",
+    "Stack",
     "UnknownArchitecture",
     "read_metadata",
     "sites_for",

@@ -7,6 +7,8 @@ module tree or their state-dict keys):
   without hooks keeps torch's fast call path): a *site hook* on a position's output module replaces
   its output, an *input-rewrite pre-hook* replaces its input (kinds that act on a projection's input),
   and a *capture pre-hook* on a feeding module keeps its input for kinds fed by it (parallel adapters);
+  a position that acts on the backbone (prefix tuning) gets one *backbone pre-hook* that rewrites the
+  backbone's keyword inputs (its KV cache, attention mask, position ids);
 - ``RoutedNorm``: an instance-level ``forward`` on each layer norm that applies a task's affine per row;
 - ``RoutedCheckpoint``: gradient-checkpoint functions that recompute under the forward's route.
 
@@ -17,6 +19,7 @@ when there is none, so a base model with no adapter routed computes exactly what
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kinds import POSITIONS
+from .kinds import KINDS, POSITIONS
 from .routing import current_route, routed
-from .sites import LayerSites, apply_at_site
+from .sites import LayerSites, apply_at_site, backbone
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -56,7 +59,7 @@ class RoutedNorm:
             return self.original(x, *args, **kwargs)
         m = self.module
         if route.single is not None:
-            affine = route.single.norm(self.layer, self.index)
+            affine = route.single.norm(self.layer, self.index) if self.layer >= route.drop_below else None
             if affine is None:
                 return self.original(x, *args, **kwargs)
             scale, shift = affine.scale.to(x.dtype), affine.shift.to(x.dtype)
@@ -131,6 +134,37 @@ def _rewrite_hook(owner: weakref.ref, layer: int, position: str, flat: bool):
     return hook
 
 
+def _backbone_hook(owner: weakref.ref, position: str, layers: list[int]):
+    """A pre-hook (with kwargs) on the backbone: each class of module at ``position`` rewrites the
+    backbone's inputs, by name, through its classmethod ``apply_backbone``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        model = owner()
+        route = model._route() if model is not None else None
+        if route is None:
+            return None
+        members = [route.members((i, position)) for i in layers]  # [layer][adapter k]
+        classes = list(dict.fromkeys(type(m) for per in members for m in per if m is not None))
+        if not classes:
+            return None
+        inputs = _by_name(module, args, kwargs)
+        for cls in classes:
+            own = members if len(classes) == 1 else [[m if type(m) is cls else None for m in per] for per in members]
+            inputs = cls.apply_backbone(route, position, own, module, inputs) or inputs
+        return (), inputs
+
+    return hook
+
+
+def _by_name(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's positional and keyword arguments as one dict by parameter name."""
+    if not args:
+        return dict(kwargs)
+    names = [p.name for p in inspect.signature(module.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def _capture_hook(owner: weakref.ref, layer: int, position: str):
     def hook(module: nn.Module, args: tuple):
         model = owner()
@@ -172,6 +206,10 @@ class Attachment:
         """Hook each of ``positions`` not hooked yet, on every layer that has its modules."""
         for position in [p for p in positions if p not in self.hooked]:
             where = POSITIONS[position]
+            if where.acts_on == "backbone":
+                self._hook_backbone(position)
+                self.hooked.append(position)
+                continue
             for ls in self.layer_sites:
                 target = getattr(ls, where.output)
                 if target is None:  # an optional role this layer lacks (a gate in a plain FFN)
@@ -179,14 +217,30 @@ class Attachment:
                 flat = where.output in ls.flat
                 if where.acts_on == "input":
                     hook = _rewrite_hook(self.owner, ls.index, position, flat)
-                    self.handles.append(target.register_forward_pre_hook(hook))
+                    # before any capture pre-hook on the module: a kind fed by the same input
+                    # (LoRA on that projection) reads the rewritten input, as the merged weights would
+                    self.handles.append(target.register_forward_pre_hook(hook, prepend=True))
                 else:
                     hook = _site_hook(self.owner, ls.index, position, ls.slices.get(where.output), flat)
-                    self.handles.append(target.register_forward_hook(hook))
+                    # A projection's own change (LoRA, IA3: fed by its input) runs before any
+                    # bottleneck on the same module's output, whatever the hooking order: composed
+                    # rows (Stack) see one fixed order of the two
+                    first = where.input == where.output
+                    self.handles.append(target.register_forward_hook(hook, prepend=first))
                 feeder = None if where.input is None else getattr(ls, where.input)
                 if feeder is not None:
                     self.handles.append(feeder.register_forward_pre_hook(_capture_hook(self.owner, ls.index, position)))
             self.hooked.append(position)
+
+    def _hook_backbone(self, position: str) -> None:
+        """One pre-hook on the backbone for ``position``, after the kinds acting there vetted the base."""
+        base = self.owner().base
+        for kind in KINDS.values():
+            check = getattr(kind.module, "check_base", None)
+            if position in kind.sites and check is not None:
+                check(base)  # ValueError before anything is hooked
+        hook = _backbone_hook(self.owner, position, [ls.index for ls in self.layer_sites])
+        self.handles.append(backbone(base).register_forward_pre_hook(hook, with_kwargs=True))
 
     def wrap_checkpointing(self, base: nn.Module) -> None:
         """Carry each call's route into gradient checkpointing's recomputation."""

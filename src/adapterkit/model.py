@@ -12,6 +12,7 @@ base model's outputs are bit-identical. The rest lives beside it: what each kind
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -36,6 +37,16 @@ from .artifact import (
     write_artifact,
 )
 from .attach import Attachment
+from .composition import (
+    Average,
+    Block,
+    CompositeRoute,
+    Parallel,
+    SplitAbove,
+    check_entry,
+    lowest_adapted_layer,
+    repeat_rows,
+)
 from .config import AdapterConfig
 from .heads import head_loss
 from .kinds import POSITIONS
@@ -55,7 +66,8 @@ from .stacks import StackStore
 from .task_adapter import TaskAdapter
 from .tasks import HEAD_TYPES, HEADLESS_TYPES, TASKS, headless_task
 
-AdapterNames = str | Sequence[str | None] | None
+# One name (or block) for the whole batch, one entry per row (None: no adapter), or None (the active one).
+AdapterNames = str | Block | Sequence[str | Block | None] | None
 _NAME_FORBIDDEN = set("/\\\x00")
 
 
@@ -123,6 +135,7 @@ class AdapterModel(nn.Module):
             verify_sites(base, self.sites, self.layer_sites, self.hidden_size)
         self.adapters = _AdapterDict()
         self._active: Route | None = None
+        self._active_entry: str | Block | None = None  # what set_active_adapter was given
         self._stacks = StackStore()  # mixed batches' per-site weight stacks, kept across calls
         self._merged: tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # merge_adapter
         self._attachment = Attachment(self, self.layer_sites)  # hooks and norm wrappers on the base
@@ -275,14 +288,49 @@ class AdapterModel(nn.Module):
         self.adapters[name] = adapter
         return adapter
 
+    def average_adapter(self, name: str, members: Sequence[str], weights: Sequence[float] | None = None,
+                        normalize: bool = True) -> TaskAdapter:
+        """A new adapter ``name`` whose every parameter is the weighted average of ``members``' (weight-
+        space averaging; for the output average at every site, route ``Average(...)`` instead).
+
+        The members must share one config (kind, sizes, targets, ``leave_out``) and one task (type and
+        labels; their heads are averaged too). ``weights``: default equal; normalised to sum 1 unless
+        ``normalize=False``.
+        """
+        self._check_new_name(name)
+        block = Average(*members, weights=weights, normalize=normalize)
+        if len(block.members) < 2 or not all(isinstance(m, str) for m in block.members):
+            raise ValueError("average_adapter takes two or more adapter names")
+        sources = [self._get(m) for m in block.members]
+        first = sources[0]
+        for m, a in zip(block.members[1:], sources[1:]):
+            if a.config.to_dict() != first.config.to_dict():
+                raise ValueError(f"cannot average {block.members[0]!r} and {m!r}: their configs differ "
+                                 f"({first.config.to_dict()} vs {a.config.to_dict()})")
+            if a.task != first.task or a.head_spec != first.head_spec:
+                raise ValueError(f"cannot average {block.members[0]!r} and {m!r}: their tasks differ "
+                                 f"({first.task} vs {a.task})")
+        dtype = next(first.parameters()).dtype
+        task_type = first.task["type"]
+        head = task_type if TASKS[task_type].head is not None else None
+        dropout = float((first.head_spec or {}).get("dropout", 0.1))
+        adapter = self.add_adapter(name, AdapterConfig.from_dict(first.config.to_dict()), head=head,
+                                   labels=first.task["labels"], head_dropout=dropout, dtype=dtype)
+        states = [a.state_dict() for a in sources]
+        with torch.no_grad():
+            averaged = {k: sum(w * st[k].to(torch.float32) for w, st in zip(block.weights, states)).to(v.dtype)
+                        for k, v in states[0].items()}
+        adapter.load_state_dict(averaged)
+        return adapter
+
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (and its head). The active default is cleared if it used it."""
         self._get(name)
         if self._merged is not None and self._merged[0] == name:
             raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge_adapter({name!r}) first")
         adapter = self.adapters[name]
-        if self._active is not None and any(a is adapter for a in self._active.rows):
-            self._active = None
+        if self._active is not None and any(a is adapter for a in self._active.adapters):
+            self._active, self._active_entry = None, None
         self._stacks.forget(list(adapter._lookup().values()))
         del self.adapters[name]
 
@@ -302,10 +350,15 @@ class AdapterModel(nn.Module):
             raise KeyError(f"unknown adapter {name!r}; loaded adapters: {known}")
         return self.adapters[name]
 
-    def set_active_adapter(self, name: str | None) -> None:
-        """The adapter every forward uses when the call names none (None: no adapter)."""
-        self._check_merged([name])
-        self._active = None if name is None else Route.for_rows([self._get(name)])
+    def set_active_adapter(self, name: str | Block | None) -> None:
+        """The adapter (or composition: ``Stack("domain", "ner")``) every forward uses when the call
+        names none (None: no adapter)."""
+        if isinstance(name, Parallel):
+            raise ValueError("Parallel gives several outputs per input: pass it to forward_parallel, not as the active adapter")
+        if not isinstance(name, Block):
+            self._check_merged([name])
+        route = None if name is None else self._make_route(name)
+        self._active, self._active_entry = route, name
 
     # -- merging (single-task deployment) ------------------------------------------------------
 
@@ -342,7 +395,7 @@ class AdapterModel(nn.Module):
                 module.merge_into(w, bias)
                 module.merged = True
         self._merged = (name, list(saved.values()))
-        self._active = Route.for_rows([adapter])
+        self._active, self._active_entry = Route.for_rows([adapter]), name
 
     def unmerge_adapter(self, name: str) -> None:
         """Undo ``merge_adapter``: the base weights are restored bit for bit from the kept copies."""
@@ -369,10 +422,8 @@ class AdapterModel(nn.Module):
             )
 
     @property
-    def active_adapter(self) -> str | None:
-        if self._active is None:
-            return None
-        return next(n for n, a in self.adapters.items() if a is self._active.single)
+    def active_adapter(self) -> str | Block | None:
+        return None if self._active is None else self._active_entry
 
     # -- training ------------------------------------------------------------------------------
 
@@ -408,12 +459,21 @@ class AdapterModel(nn.Module):
         if isinstance(names, str):
             self._check_merged([names])
             return Route.for_rows([self._get(names)])
+        if isinstance(names, Block):  # one composition for the whole batch: one row, repeated
+            check_entry(names, self._get)
+            self._check_merged(names.leaves())
+            return CompositeRoute.for_entries([names], self._get, self._stacks, repeats_rows=True)
         if isinstance(names, torch.Tensor) or not isinstance(names, Sequence):
             raise TypeError(f"adapter_names must be a name, a list of names (None for no adapter) or None; got {type(names).__name__}")
+        if not names:
+            raise ValueError("adapter_names is empty")
+        if any(isinstance(n, Block) for n in names):
+            for n in names:
+                check_entry(n, self._get)
+            self._check_merged([leaf for n in names for leaf in (n.leaves() if isinstance(n, Block) else [n])])
+            return CompositeRoute.for_entries(names, self._get, self._stacks, repeats_rows=repeats_rows)
         rows = [None if n is None else self._get(n) for n in names]
         self._check_merged(names)
-        if not rows:
-            raise ValueError("adapter_names is empty")
         route = Route.for_rows(rows, self._stacks)
         if route is None:
             return NO_ADAPTERS
@@ -421,14 +481,25 @@ class AdapterModel(nn.Module):
         return route
 
     @contextmanager
-    def route(self, names: AdapterNames) -> Iterator[None]:
+    def route(self, names: AdapterNames, drop_below: int = 0) -> Iterator[None]:
         """Within the block, forward passes of this model (and of ``self.base``) use ``names``: one name
-        for the whole batch, or one per row (None: no adapter for that row).
+        or composition for the whole batch, or one per row (None: no adapter for that row); None: the
+        active adapter.
+
+        ``drop_below``: AdapterDrop — layers ``0 .. drop_below - 1`` run without adapters (norm affines
+        included). In training, nothing below the lowest adapted layer then needs gradients, so the
+        backward stops there; sample it per step for the paper's stochastic AdapterDrop.
 
         The route belongs to this thread or asyncio task (a thread started inside the block, such as a
         streaming ``generate``, starts with none) and to this model alone.
         """
+        if isinstance(drop_below, bool) or not isinstance(drop_below, int) or not 0 <= drop_below <= self.num_layers:
+            raise ValueError(f"drop_below must be a layer count in 0..{self.num_layers}; got {drop_below!r}")
+        if names is None and drop_below and self._active is not None:
+            names = self._active_entry  # a fresh route of the active one: the shared one stays as it is
         route = self._make_route(names)
+        if drop_below and isinstance(route, Route):
+            route.drop_below = drop_below
         if route is None:
             yield
             return
@@ -455,8 +526,10 @@ class AdapterModel(nn.Module):
         kwargs.pop("num_items_in_batch", None)  # Trainer's loss normaliser: our loss is a per-batch mean
         inputs.update(kwargs)
         batch = _batch_size(inputs)
+        if isinstance(adapter_names, Parallel):
+            return self._forward_parallel(adapter_names, inputs, labels, batch)
         route = self._make_route(adapter_names)
-        if adapter_names is not None and not isinstance(adapter_names, str) and batch is not None and len(adapter_names) != batch:
+        if isinstance(adapter_names, Sequence) and not isinstance(adapter_names, str) and batch is not None and len(adapter_names) != batch:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
         with routed(self, route) if route is not None else nullcontext():
             effective = self._route()
@@ -470,11 +543,54 @@ class AdapterModel(nn.Module):
         loss = head_loss(logits, labels) if labels is not None else None
         return AdapterOutput(loss=loss, logits=logits, last_hidden_state=hidden)
 
+    def _forward_parallel(self, block: Parallel, inputs: dict[str, Any], labels: torch.Tensor | None,
+                          batch: int | None) -> Any:
+        """``forward(adapter_names=Parallel(m1, ..., mN))``: N outputs for one input batch of B rows,
+        member-major (N·B rows: member 1's B rows first). The layers below the members' lowest adapted
+        layer run once; the batch is repeated where it enters that layer (composition.SplitAbove)."""
+        members = block.members
+        if len(members) < 2:
+            raise ValueError(f"Parallel needs at least two members; got {len(members)}")
+        for m in members:
+            check_entry(m, self._get)
+        if batch is None:
+            raise ValueError("Parallel needs batched inputs (input_ids or inputs_embeds)")
+        if getattr(self.base.config, "is_encoder_decoder", False):
+            raise ValueError("Parallel is not supported on encoder-decoder models; run the members as rows instead")
+        n = len(members)
+        leaves = [self._get(name) for m in members if m is not None for name in (m.leaves() if isinstance(m, Block) else [m])]
+        split = lowest_adapted_layer(leaves)
+        entries = [m for m in members for _ in range(batch)]  # (N·B,) member-major
+        if "use_cache" in inspect.signature(self.base.forward).parameters:
+            inputs.setdefault("use_cache", False)  # a cache of layers with two batch sizes helps no one
+        if split is None or split == 0:
+            inputs = {k: repeat_rows(v, batch, n) for k, v in inputs.items()}
+            splitter = nullcontext()
+        else:
+            layers = [self.base.get_submodule(ls.path) for ls in self.layer_sites[split:]]
+            splitter = SplitAbove(layers, batch, n)
+        if labels is not None:
+            labels = repeat_rows(labels if labels.dim() > 1 else labels[:, None], batch, n).reshape(-1, *labels.shape[1:])
+        mask = inputs.get("attention_mask")
+        with splitter, routed(self, self._make_route(entries)):
+            effective = self._route()
+            names = rows_with_heads(effective, batch * n)
+            if names is None:
+                if labels is not None:
+                    inputs["labels"] = labels
+                return self.base(**inputs)
+            hidden = backbone(self.base)(**inputs).last_hidden_state  # (N·B, T, d)
+            logits = apply_heads(names, hidden, None if mask is None else repeat_rows(mask, batch, n))
+        loss = head_loss(logits, labels) if labels is not None else None
+        return AdapterOutput(loss=loss, logits=logits, last_hidden_state=hidden)
+
     @torch.no_grad()
     def generate(self, *args: Any, adapter_names: AdapterNames = None, **kwargs: Any) -> Any:
         """``base.generate`` with adapters routed per row (rows repeated for beams follow their row)."""
+        if isinstance(adapter_names, Parallel):
+            raise ValueError("generate takes no Parallel block: pass one name or composition per row")
         route = self._make_route(adapter_names, repeats_rows=True)
-        if adapter_names is not None and not isinstance(adapter_names, str):
+        if isinstance(adapter_names, Sequence) and not isinstance(adapter_names, str):
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             batch = _batch_size({"input_ids": first, **kwargs})
             if batch is not None and len(adapter_names) != batch:

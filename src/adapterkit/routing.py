@@ -41,6 +41,9 @@ class Route:
     captured: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)
     store: StackStore | None = None  # the model's weight stacks; a route without one keeps its own
+    # AdapterDrop: layers below this index run without adapters (their norms' affines too), so in
+    # training no gradient work happens there
+    drop_below: int = 0
 
     @classmethod
     def for_rows(cls, rows: list[TaskAdapter | None], store: StackStore | None = None) -> Route | None:
@@ -119,13 +122,20 @@ class Route:
 
     def apply_site(self, layer: int, position: str, out: torch.Tensor) -> torch.Tensor | None:
         """The hooked module's output with this route's adapters applied; None to leave it untouched."""
+        captured = self.take_input(layer, position)  # always: a kept input must not outlive its call
+        return self.apply_with(layer, position, out, captured)
+
+    def apply_with(self, layer: int, position: str, out: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor | None:
+        """``apply_site`` given the position's captured input (None when nothing here is fed by it);
+        composed routes call it once per member on the same captured input."""
+        if layer < self.drop_below:
+            return None
         if self.single is not None:
             m = self.single.site(layer, position)
             if m is None:
                 return None
-            return m.apply_single(out, self.take_input(layer, position) if m.feed == "input" else out)
+            return m.apply_single(out, captured if m.feed == "input" else out)
         plans = self._site_plans(layer, position)
-        captured = self.take_input(layer, position)  # always: a kept input must not outlive its call
         if not plans:
             return None
         for maths, plan in plans:
@@ -152,6 +162,8 @@ class Route:
 
     def norm_affine(self, layer: int, index: int, dtype: torch.dtype, device: torch.device):
         """Per-row (scale, shift) of one norm, each (B, 1, d); None when no row's task trains it."""
+        if layer < self.drop_below:
+            return None
         members = self.members((layer, index))
         live = next((n for n in members if n is not None), None)
         if live is None:

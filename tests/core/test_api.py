@@ -15,7 +15,7 @@ from adapterkit import AdapterConfig, AdapterModel
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(kind="prefix"), r"kind must be one of houlsby, pfeiffer, parallel(, \w+)*; got 'prefix'"),
+        (dict(kind="adapterfusion"), r"kind must be one of houlsby, pfeiffer, parallel(, \w+)*; got 'adapterfusion'"),
         (dict(activation="softmax"), "activation must be one of relu, gelu, silu, swish, tanh; got 'softmax'"),
         (dict(bottleneck_size=8, reduction_factor=4), "either bottleneck_size or reduction_factor, not both"),
         (dict(bottleneck_size=0), "bottleneck_size must be a positive integer; got 0"),

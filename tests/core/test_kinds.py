@@ -26,8 +26,9 @@ KIND_ROWS = {
 }
 
 
-# Kinds sized by the projection they act on, tested in test_lora_ia3.py and test_kinds_mixed.py.
-SIZED_KINDS = ["lora", "ia3"]
+# Kinds sized by the projection they act on, tested in test_lora_ia3.py and test_kinds_mixed.py
+# (prefix tuning, sized by the value projection, in test_prefix.py).
+SIZED_KINDS = ["lora", "ia3", "prefix"]
 
 
 def test_every_registered_kind_has_a_row():

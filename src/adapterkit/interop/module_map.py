@@ -45,8 +45,8 @@ class ModuleMap:
         self.by_site: dict[tuple[int, str], Target] = {}
         for ls in model.layer_sites:
             for position, where in POSITIONS.items():
-                if where.acts_on == "input":
-                    continue  # IA3's "ff" shares the module of "down"; see ``module_of``
+                if where.acts_on != "output":
+                    continue  # IA3's "ff" shares the module of "down" (see ``module_of``); "prefix" has none
                 module = getattr(ls, where.output, None)
                 if module is None or id(module) not in names:
                     continue

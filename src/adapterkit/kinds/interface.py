@@ -41,6 +41,9 @@ class Position:
     to them (IA3 scales the FFN's inner activation, the input of its output projection).
     ``input``: the ``LayerSites`` attribute whose first input a pre-hook captures for modules fed by
     the sublayer's input, or None where ``sites.py`` names no such module (no ``"input"`` feed there).
+    ``acts_on="backbone"``: no per-layer hook; one forward pre-hook on the decoder backbone hands its
+    keyword inputs to the modules' classmethod ``apply_backbone`` (prefix tuning fills the KV cache
+    there); ``output`` then only sizes the modules (``AdapterKind.sized_by_site``).
     Roles that a row of the site table may lack (``sites.PROJECTION_ROLES``) are hooked only where the
     layer has them, and only once some adapter has a module at the position.
     """
@@ -64,6 +67,7 @@ POSITIONS: dict[str, Position] = {
     "gate": Position(output="ffn_gate", input="ffn_gate"),
     "down": Position(output="ffn_out", input="ffn_out"),
     "ff": Position(output="ffn_out", acts_on="input"),  # the FFN's inner activation
+    "prefix": Position(output="attn_v", acts_on="backbone"),  # the KV cache; sized by the value projection
 }
 
 

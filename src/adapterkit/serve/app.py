@@ -32,12 +32,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +46,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..artifact import ArtifactError, BaseModelMismatch
+from ..composition import Block, Parallel, from_json, head_name
 from ..hub.guards import (
     BodyLimit,
     FailedAuthLimiter,
@@ -116,6 +118,14 @@ _ADAPTER = Field(
     max_length=300,
     description="adapter reference: a file stem, or namespace/name[@version] for a hub registry",
 )
+# An adapter, or a composition of adapters by reference: {"stack": [...]}, {"average": [...],
+# "weights": [...]} (composition.from_json checks it; its size is bounded there).
+AdapterRef = Annotated[str, Field(min_length=1, max_length=300)]
+AdapterOrComposition = Annotated[
+    AdapterRef | dict[str, Any],
+    Field(description='adapter reference (a file stem, or namespace/name[@version] for a hub registry), or a '
+                      'composition of them: {"stack": [a, b]}, {"average": [a, b], "weights": [0.5, 0.5]}'),
+]
 
 
 class _Strict(BaseModel):
@@ -125,13 +135,13 @@ class _Strict(BaseModel):
 
 
 class ClassifyRequest(_Strict):
-    adapter: str = _ADAPTER
+    adapter: AdapterOrComposition
     text: str = Field(max_length=100_000)
     text_pair: str | None = Field(default=None, max_length=100_000, description="second text, for pair tasks")
 
 
 class ClassifyResponse(BaseModel):
-    adapter: str
+    adapter: str | dict[str, Any]
     label: str
     scores: dict[str, float]
     truncated: bool
@@ -139,21 +149,19 @@ class ClassifyResponse(BaseModel):
 
 
 class TagRequest(_Strict):
-    adapter: str = _ADAPTER
+    adapter: AdapterOrComposition
     text: str = Field(max_length=100_000)
 
 
 class TagResponse(BaseModel):
-    adapter: str
+    adapter: str | dict[str, Any]
     tokens: list[dict[str, Any]]
     truncated: bool
     batch_size: int
 
 
 class GenerateRequest(_Strict):
-    adapter: str | None = Field(
-        default=None, min_length=1, max_length=300, description="omit for the base model alone"
-    )
+    adapter: AdapterOrComposition | None = Field(default=None, description="omit for the base model alone")
     prompt: str = Field(max_length=100_000)
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="default: 32, or the server's limit if lower"
@@ -166,7 +174,7 @@ class GenerateRequest(_Strict):
 
 
 class GenerateResponse(BaseModel):
-    adapter: str | None
+    adapter: str | dict[str, Any] | None
     text: str
     token_ids: list[int]
     seed: int | None
@@ -176,6 +184,11 @@ class GenerateResponse(BaseModel):
 
 class LoadRequest(_Strict):
     adapter: str = _ADAPTER
+
+
+def adapter_key(adapter: str | dict[str, Any] | None) -> str | None:
+    """The batcher's key for a request's adapter (a composition: its canonical JSON)."""
+    return json.dumps(adapter, sort_keys=True) if isinstance(adapter, dict) else adapter
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -272,11 +285,13 @@ class Service:
 
     async def run(
         self,
-        ref: str | None,
+        ref: str | dict[str, Any] | None,
         tasks: tuple[str, ...],
         endpoint: str,
         make_job: Callable[[LoadedAdapter | None], Awaitable[Any]],
     ) -> Any:
+        if isinstance(ref, dict):
+            return await self._run_composed(ref, tasks, endpoint, make_job)
         entry = await self.pin(ref) if ref is not None else None
         try:
             if entry is not None and entry.task_type not in tasks:
@@ -288,6 +303,47 @@ class Service:
         finally:
             if ref is not None:
                 self.unpin(ref)
+
+    async def _run_composed(
+        self,
+        value: dict[str, Any],
+        tasks: tuple[str, ...],
+        endpoint: str,
+        make_job: Callable[[LoadedAdapter | None], Awaitable[Any]],
+    ) -> Any:
+        """A request for a composition: every member pinned; the job's adapter answers with the last
+        member's task (its head and labels) and routes the composition of the members' model names."""
+        try:
+            block = from_json(value)
+        except ValueError as e:
+            raise HTTPProblem(422, f"adapter: {e}") from None
+        if isinstance(block, Parallel) or not isinstance(block, Block):
+            raise HTTPProblem(422, 'adapter: a composition here is {"stack": [...]} or {"average": [...]}')
+        refs = list(dict.fromkeys(block.leaves()))
+        if any(not 1 <= len(r) <= 300 for r in refs):
+            raise HTTPProblem(422, "adapter: each member is a reference of 1 to 300 characters")
+        pinned: list[str] = []
+        try:
+            entries = {}
+            for r in refs:
+                entries[r] = await self.pin(r)
+                pinned.append(r)
+            try:
+                composed = block.renamed({r: e.name for r, e in entries.items()})
+                self.model._make_route([composed])  # nesting, sizes: a clear 422 before queueing
+            except (ValueError, TypeError, KeyError) as e:
+                raise HTTPProblem(422, f"adapter: {e}") from None
+            head = entries[head_name(block)]
+            if head.task_type not in tasks:
+                raise HTTPProblem(
+                    422,
+                    f"the composition's last member {head.ref!r} is a {head.task_type!r} task; "
+                    f"{endpoint} serves {', '.join(tasks)} tasks",
+                )
+            return await make_job(LoadedAdapter(head.ref, composed, head.task_type, head.labels, 0))
+        finally:
+            for r in pinned:
+                self.unpin(r)
 
     def preload(self) -> None:
         """Load ``config.adapters`` now, before serving (nothing else touches the model yet)."""
@@ -449,7 +505,7 @@ def create_app(
 
         async def job(entry: LoadedAdapter | None) -> Any:
             return await service.batcher.submit(
-                "classify", body.adapter, len(encoded.ids), Row(entry, encoded)
+                "classify", adapter_key(body.adapter), len(encoded.ids), Row(entry, encoded)
             )
 
         result = await service.run(body.adapter, SEQUENCE_TASKS, "/v1/classify", job)
@@ -460,7 +516,7 @@ def create_app(
         encoded = service.runner.encode(body.text, offsets=True)
 
         async def job(entry: LoadedAdapter | None) -> Any:
-            return await service.batcher.submit("tag", body.adapter, len(encoded.ids), Row(entry, encoded))
+            return await service.batcher.submit("tag", adapter_key(body.adapter), len(encoded.ids), Row(entry, encoded))
 
         result = await service.run(body.adapter, TOKEN_TASKS, "/v1/tag", job)
         return {"adapter": body.adapter, **result}
@@ -493,7 +549,7 @@ def create_app(
         async def job(entry: LoadedAdapter | None) -> Any:
             row = Row(entry, encoded, options)
             return await service.batcher.submit(
-                lane, body.adapter, len(encoded.ids), row, solo=body.do_sample
+                lane, adapter_key(body.adapter), len(encoded.ids), row, solo=body.do_sample
             )
 
         result = await service.run(body.adapter, LM_TASKS, "/v1/generate", job)
