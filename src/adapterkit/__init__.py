@@ -9,7 +9,7 @@
 __version__ = "0.1.0"
 
 from .artifact import ArtifactError, BaseModelMismatch, read_metadata  # noqa: E402
-from .composition import Average, Parallel, Stack  # noqa: E402
+from .composition import Average, Fuse, Parallel, Stack  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .model import AdapterModel, AdapterOutput, ParameterReport  # noqa: E402
 from .sites import SITES, SiteSpec, UnknownArchitecture, sites_for  # noqa: E402
@@ -21,6 +21,7 @@ __all__ = [
     "ArtifactError",
     "Average",
     "BaseModelMismatch",
+    "Fuse",
     "Parallel",
     "ParameterReport",
     "SITES",

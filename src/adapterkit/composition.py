@@ -14,7 +14,12 @@ At every hooked site, with ``f_m`` the site's module of member ``m`` (the identi
   defaults to equal weights and is normalised to sum 1 unless ``normalize=False``. (Weight-space
   averaging, which yields a new adapter, is ``AdapterModel.average_adapter``.)
 
-Members nest (``Stack("lang", Average("t1", "t2"))``). Norm affines compose in closed form: Stack of
+- ``Fuse(a, b, ..., fusion="f")``: AdapterFusion (Pfeiffer et al. 2021): each member's output
+  ``r_m = f_m(out)``, combined per token by the trained fusion ``f``'s attention over the members
+  (``fusion.py``; ``AdapterModel.add_fusion``). Members are adapter names without norm affines.
+
+Members nest (``Stack("lang", Average("t1", "t2"))``, ``Stack("lang", Fuse(...))``; a Fuse's members are
+names only). Norm affines compose in closed form: Stack of
 (s1, h1), (s2, h2) is (s1·s2, h1·s2 + h2); Average is (Σ w·s, Σ w·h). A composed row's task head is its
 last member's (for a nested last member, that block's last member's).
 
@@ -130,14 +135,41 @@ class Parallel(Block):
     kind = "parallel"
 
 
+class Fuse(Block):
+    """AdapterFusion: the members' outputs at every site, combined per token by the fusion layers of
+    ``fusion`` (built by ``AdapterModel.add_fusion`` over the same members); the fusion's head answers
+    for the row. Members are adapter names (no blocks), each at most once."""
+
+    kind = "fuse"
+
+    def __init__(self, *members: str | Block, fusion: str):
+        super().__init__(*members)
+        if not isinstance(fusion, str) or not fusion:
+            raise ValueError(f"Fuse needs the name of a fusion (fusion='...'); got {fusion!r}")
+        self.fusion = fusion
+
+    def _key(self) -> tuple:
+        return (self.kind, self.members, self.fusion)
+
+    def __repr__(self) -> str:
+        return f"Fuse({', '.join(map(repr, self.members))}, fusion={self.fusion!r})"
+
+    def to_json(self) -> dict[str, Any]:
+        # (from_json does not read it yet: the server answers with a composition's last member's head,
+        # and a fused row's head is its fusion's)
+        return {**super().to_json(), "fusion": self.fusion}
+
+
 Entry = str | Block | None
 
 
-def check_entry(entry: Entry, known: Callable[[str], Any] | None = None) -> None:
-    """Validate one row's entry: a name, None, or a Stack / Average of them, bounded in depth and size.
+def check_entry(entry: Entry, known: Callable[[str], Any] | None = None,
+                fusions: Callable[[str], Any] | None = None) -> None:
+    """Validate one row's entry: a name, None, or a Stack / Average / Fuse of them, bounded in depth and size.
 
-    ``known``: looks a name up (raising KeyError for an unknown one). ValueError / TypeError / KeyError
-    with a message naming what is wrong.
+    ``known``: looks a name up (raising KeyError for an unknown one). ``fusions``: looks a fusion up
+    (KeyError for an unknown one); each Fuse is checked against it (its members, ``fusion.check_members``).
+    ValueError / TypeError / KeyError with a message naming what is wrong.
     """
     if entry is None or isinstance(entry, str):
         if isinstance(entry, str) and known is not None:
@@ -147,28 +179,52 @@ def check_entry(entry: Entry, known: Callable[[str], Any] | None = None) -> None
         raise ValueError("Parallel gives one output per member for a whole batch (adapter_names=Parallel(...), "
                          "in forward): it cannot be one row's entry or be nested in another block")
     if not isinstance(entry, Block):
-        raise TypeError(f"an adapter_names entry must be a name, None, Stack or Average; got {type(entry).__name__}")
-    _check_block(entry, known, depth=1)
+        raise TypeError(f"an adapter_names entry must be a name, None, Stack, Average or Fuse; got {type(entry).__name__}")
+    _check_block(entry, known, depth=1, fusions=fusions)
     if len(entry.leaves()) > MAX_LEAVES:
         raise ValueError(f"a composition may name at most {MAX_LEAVES} adapters; {entry!r} names {len(entry.leaves())}")
 
 
-def _check_block(block: Block, known: Callable[[str], Any] | None, depth: int) -> None:
+def _check_block(block: Block, known: Callable[[str], Any] | None, depth: int,
+                 fusions: Callable[[str], Any] | None = None) -> None:
     name = type(block).__name__
     if depth > MAX_DEPTH:
         raise ValueError(f"compositions nest at most {MAX_DEPTH} deep")
     if len(block.members) < 2:
         raise ValueError(f"{name} needs at least two members; got {len(block.members)}")
+    if isinstance(block, Fuse):
+        _check_fuse(block, known, fusions)
+        return
     for m in block.members:
         if isinstance(m, Parallel):
             raise ValueError(f"Parallel cannot be nested in {name}: it applies to a whole batch")
         if isinstance(m, Block):
-            _check_block(m, known, depth + 1)
+            _check_block(m, known, depth + 1, fusions)
         elif isinstance(m, str):
             if known is not None:
                 known(m)
         else:
             raise TypeError(f"{name} members must be adapter names or blocks; got {m!r}")
+
+
+def _check_fuse(block: Fuse, known: Callable[[str], Any] | None, fusions: Callable[[str], Any] | None) -> None:
+    bad = [m for m in block.members if not isinstance(m, str)]
+    if bad:
+        raise TypeError(f"Fuse members must be adapter names (the fusion was trained on those adapters' "
+                        f"outputs); got {bad[0]!r}")
+    if len(set(block.members)) != len(block.members):
+        raise ValueError(f"Fuse names an adapter more than once: {list(block.members)}")
+    if known is not None:
+        for m in block.members:
+            known(m)
+    if fusions is None:
+        return
+    fusion = fusions(block.fusion)
+    if set(fusion.members) != set(block.members):
+        raise ValueError(f"fusion {block.fusion!r} fuses {list(fusion.members)}, but the block names "
+                         f"{list(block.members)}: a fusion runs only over the adapters it was trained on")
+    if known is not None:
+        fusion.check_members(known)
 
 
 def from_json(value: Any) -> Entry:
@@ -205,10 +261,22 @@ def _from_json(value: Any, depth: int) -> Entry:
 
 
 def head_name(entry: Entry) -> str | None:
-    """The adapter whose task head answers for this entry: a block's last member, recursively."""
+    """The adapter whose task head answers for this entry: a block's last member, recursively. (A
+    Fuse's head is its fusion's: see ``_head_owner``.)"""
     while isinstance(entry, Block):
         entry = entry.members[-1]
     return entry
+
+
+def _head_owner(entry: Entry, lookup: Callable[[str], Any], fusions: Callable[[str], Any] | None) -> Any:
+    """The module whose task head answers for this entry: a Fuse's fusion, else a block's last member."""
+    while isinstance(entry, Block):
+        if isinstance(entry, Fuse):
+            if fusions is None:
+                raise ValueError("a Fuse entry needs the model's fusions")
+            return fusions(entry.fusion)
+        entry = entry.members[-1]
+    return None if entry is None else lookup(entry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,21 +289,31 @@ def _shape(entry: Entry) -> Any:
     if not isinstance(entry, Block):
         return "leaf"
     inner = tuple(_shape(m) for m in entry.members)
+    if isinstance(entry, Fuse):  # the fusion's name is part of the shape: one group per fusion
+        return ("fuse", entry.fusion, inner)
     return ("average", entry.weights, inner) if isinstance(entry, Average) else ("stack", inner)
 
 
 def _program(shape: Any, counter: list[int]) -> tuple:
-    """The shape with each leaf numbered depth first: ("leaf", j), ("stack", children), ("average", w, children)."""
+    """The shape with each leaf numbered depth first: ("leaf", j), ("stack", children), ("average", w,
+    children), ("fuse", fusion name, children)."""
     if shape == "leaf":
         counter[0] += 1
         return ("leaf", counter[0] - 1)
     if shape[0] == "stack":
         return ("stack", tuple(_program(s, counter) for s in shape[1]))
-    return ("average", shape[1], tuple(_program(s, counter) for s in shape[2]))
+    return (shape[0], shape[1], tuple(_program(s, counter) for s in shape[2]))
 
 
 def _leaf_names(entry: Entry) -> list[str | None]:
     return entry.leaves() if isinstance(entry, Block) else [entry]
+
+
+def _fusion_names(entry: Entry) -> list[str]:
+    if not isinstance(entry, Block):
+        return []
+    own = [entry.fusion] if isinstance(entry, Fuse) else []
+    return own + [f for m in entry.members for f in _fusion_names(m)]
 
 
 @dataclass(eq=False)
@@ -260,11 +338,13 @@ class CompositeRoute(Route):
     composition tree over ordinary sub-routes."""
 
     groups: list[_Group] = field(default_factory=list)
+    # fusion name -> its fusion module (``fusion.AdapterFusion``: ``site(layer, position)``), for Fuse nodes
+    fusions: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_entries(
         cls, entries: Sequence[Entry], lookup: Callable[[str], TaskAdapter], store: StackStore | None,
-        repeats_rows: bool = False,
+        repeats_rows: bool = False, fusions: Callable[[str], Any] | None = None,
     ) -> CompositeRoute:
         by_shape: dict[Any, list[int]] = {}
         for i, e in enumerate(entries):
@@ -280,8 +360,10 @@ class CompositeRoute(Route):
                     route.repeats_rows = repeats_rows
                 routes.append(route)
             groups.append(_Group(rows, program, routes))
-        heads = [None if (h := head_name(e)) is None else lookup(h) for e in entries]
-        return cls(heads, store=store, repeats_rows=repeats_rows, groups=groups)
+        heads = [_head_owner(e, lookup, fusions) for e in entries]
+        used = {f for e in entries for f in _fusion_names(e)}
+        return cls(heads, store=store, repeats_rows=repeats_rows, groups=groups,
+                   fusions={f: fusions(f) for f in used} if used else {})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -338,6 +420,8 @@ class CompositeRoute(Route):
                 if new is not None:
                     out, changed = new, True
             return out if changed else None
+        if node[0] == "fuse":
+            return self._fuse(group, node, layer, position, out, captured)
         weights, children = node[1], node[2]
         results, changed = [], False
         for k, child in enumerate(children):
@@ -353,6 +437,21 @@ class CompositeRoute(Route):
         for w, r in zip(weights[1:], results[1:]):
             total = total.add_(r, alpha=w) if not torch.is_grad_enabled() else total.add(r, alpha=w)
         return total
+
+    def _fuse(self, group: _Group, node: tuple, layer: int, position: str, out: torch.Tensor,
+              captured: torch.Tensor | None) -> torch.Tensor | None:
+        """A Fuse node: every member's output r_m (each on its own copy, as Average's branches), then the
+        fusion's layer at this site combines them per token (``fusion.FusionSite``)."""
+        site = self.fusions[node[1]].site(layer, position)
+        if site is None:  # no member acts here (the fusion has layers exactly where members do)
+            return None
+        query = site.query_key(out)  # from ``out`` before the last member may add into it in place
+        results = []
+        for k, child in enumerate(node[2]):
+            src = out if k == len(node[2]) - 1 else out.clone()
+            new = self._run(group, child, layer, position, src, captured)
+            results.append(src if new is None else new)
+        return site.combine(query, results)
 
     # -- norms -----------------------------------------------------------------------------------
 
@@ -395,6 +494,8 @@ class CompositeRoute(Route):
                     continue
                 acc = affine if acc is None else (acc[0] * affine[0], acc[1] * affine[0] + affine[1])
             return acc
+        if node[0] == "fuse":  # members have no norm affines (check_entry: fusion.check_members)
+            return None
         weights, children = node[1], node[2]
         affines = [self._norm(group, c, layer, index, dtype, device) for c in children]
         live = next((a for a in affines if a is not None), None)

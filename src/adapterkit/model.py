@@ -41,6 +41,7 @@ from .composition import (
     Average,
     Block,
     CompositeRoute,
+    Fuse,
     Parallel,
     SplitAbove,
     check_entry,
@@ -48,6 +49,16 @@ from .composition import (
     repeat_rows,
 )
 from .config import AdapterConfig
+from .fusion import (
+    MAX_MEMBERS,
+    AdapterFusion,
+    build_fusion_metadata,
+    check_fusion_file,
+    check_member,
+    read_fusion_tensors,
+    site_keys,
+    write_fusion,
+)
 from .heads import head_loss
 from .kinds import POSITIONS
 from .routing import NO_ADAPTERS, NoAdapters, Route, apply_heads, current_route, routed, rows_with_heads
@@ -134,6 +145,7 @@ class AdapterModel(nn.Module):
         if verify:
             verify_sites(base, self.sites, self.layer_sites, self.hidden_size)
         self.adapters = _AdapterDict()
+        self.fusions = _AdapterDict()  # AdapterFusion layers by name (add_fusion); Fuse(..., fusion=name)
         self._active: Route | None = None
         self._active_entry: str | Block | None = None  # what set_active_adapter was given
         self._stacks = StackStore()  # mixed batches' per-site weight stacks, kept across calls
@@ -451,6 +463,176 @@ class AdapterModel(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return ParameterReport(trainable, _count(self.base))
 
+    # -- AdapterFusion (fusion.py) -------------------------------------------------------------
+
+    def add_fusion(
+        self,
+        name: str,
+        members: Sequence[str],
+        *,
+        head: str | None = None,
+        labels: Sequence[str] = (),
+        head_dropout: float = 0.1,
+        temperature: float = 1.0,
+        dtype: torch.dtype | None = None,
+    ) -> AdapterFusion:
+        """A new AdapterFusion ``name`` over ``members`` (adapter names): one fusion layer at every site
+        where a member acts, initialised so that it starts as the members' average, and, optionally,
+        its own task head (``head``, ``labels`` as in ``add_adapter``), which answers for rows routed to
+        ``Fuse(*members, fusion=name)``. Members must not train layer-norm affines."""
+        self._check_new_fusion_name(name)
+        names, adapters = self._fusion_members(members)
+        task_type = head or headless_task(self.base)
+        fusion = self._new_fusion(names, adapters, task_type, list(labels), head_dropout, temperature,
+                                  self._factory(dtype))
+        fusion.train(self.training)
+        self.fusions[name] = fusion
+        return fusion
+
+    def train_fusion(self, name: str) -> ParameterReport:
+        """Freeze everything, then unfreeze exactly fusion ``name`` (its layers and head): its members
+        stay frozen. Makes ``Fuse(*members, fusion=name)`` the active route."""
+        fusion = self._get_fusion(name)
+        block = Fuse(*fusion.members, fusion=name)
+        check_entry(block, self._get, self._get_fusion)  # its members are still loaded, as they were
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in fusion.parameters():
+            p.requires_grad_(True)
+        self.set_active_adapter(block)
+        return self.trainable_parameters()
+
+    def delete_fusion(self, name: str) -> None:
+        """Remove a fusion (its members stay). The active default is cleared if it used it."""
+        fusion = self._get_fusion(name)
+        if any(f is fusion for f in getattr(self._active, "fusions", {}).values()):
+            self._active, self._active_entry = None, None
+        del self.fusions[name]
+
+    def list_fusions(self) -> list[str]:
+        return list(self.fusions.keys())
+
+    def save_fusion(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        *,
+        metrics: dict[str, float] | None = None,
+        description: str = "",
+    ) -> Path:
+        """Write fusion ``name`` (its layers and head) to one ``.safetensors`` file, atomically, with
+        metadata naming each member and its sha256, and the base fingerprint."""
+        fusion = self._get_fusion(name)
+        fusion.check_members(self._get)
+        members = {m: self._get(m) for m in fusion.members}
+        metadata = build_fusion_metadata(name, fusion, members, self.fingerprint(), metrics, description)
+        return write_fusion(path, fusion, metadata)
+
+    def load_fusion(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        *,
+        check_base: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> str:
+        """Load a fusion saved by ``save_fusion`` as fusion ``name`` (default: the saved name). Its
+        members must be loaded already, with the very tensors it was trained with (sha256).
+
+        Everything is checked from the file's header before anything is allocated (base fingerprint,
+        members, the exact tensor names and shapes the members imply); a bad file raises ArtifactError
+        (BaseModelMismatch for another base) and leaves the model as it was."""
+        where = str(path)
+        doc = check_fusion_file(path, self._get, self.fingerprint() if check_base else None, self._fusion_shapes)
+        name = name or doc["name"]
+        self._check_new_fusion_name(name)
+        names, adapters = self._fusion_members([m["name"] for m in doc["members"]])
+        tensors = read_fusion_tensors(path)
+        try:
+            fusion = self._new_fusion(names, adapters, doc["task"]["type"], list(doc["task"].get("labels", [])),
+                                      _head_dropout(doc), doc["temperature"], self._factory(dtype))
+        except ValueError as e:
+            raise ArtifactError(f"{where}: {e}") from None
+        load_tensors_strict(fusion, tensors, where)
+        fusion.train(self.training)
+        self.fusions[name] = fusion
+        return name
+
+    def _get_fusion(self, name: str) -> AdapterFusion:
+        if not isinstance(name, str) or name not in self.fusions:
+            known = ", ".join(self.fusions.keys()) or "none"
+            raise KeyError(f"unknown fusion {name!r}; loaded fusions: {known}")
+        return self.fusions[name]
+
+    def _check_new_fusion_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or name.strip() != name or any(c in _NAME_FORBIDDEN for c in name) or "." in name:
+            raise ValueError(f"fusion name must be a non-empty string without '/', '\\', '.' or surrounding spaces; got {name!r}")
+        if name in self.fusions:
+            raise ValueError(f"a fusion named {name!r} is already loaded; delete_fusion it first or pick another name")
+
+    def _fusion_members(self, members: Sequence[str]) -> tuple[list[str], list[TaskAdapter]]:
+        if isinstance(members, str) or not isinstance(members, Sequence) or not all(isinstance(m, str) for m in members):
+            raise TypeError(f"a fusion's members are a list of adapter names; got {members!r}")
+        names = list(members)
+        if not 2 <= len(names) <= MAX_MEMBERS:
+            raise ValueError(f"a fusion needs 2 to {MAX_MEMBERS} members; got {len(names)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a fusion names an adapter more than once: {names}")
+        adapters = [self._get(n) for n in names]
+        for n, a in zip(names, adapters):
+            check_member(n, a)
+        return names, adapters
+
+    def _fusion_sites(self, names: list[str], adapters: list[TaskAdapter]) -> dict[tuple[int, str], int]:
+        """(layer, position) -> width of the tensor there, for every site where a member acts."""
+        sites = {}
+        for name, adapter in zip(names, adapters):
+            for layer, position in site_keys(adapter):
+                where = POSITIONS[position]
+                if where.acts_on == "backbone":
+                    raise ValueError(f"adapter {name!r} ({adapter.config.kind}) acts on the backbone's KV cache, not on "
+                                     "a site's output: a fusion cannot combine it")
+                try:
+                    dims = self.layer_sites[layer].dims(where.output)
+                except UnknownArchitecture:  # a custom SiteSpec's non-linear module: a bottleneck's output
+                    dims = None
+                if where.acts_on == "input":  # the projection's input (IA3 on the FFN's activation)
+                    if dims is None:
+                        raise ValueError(f"cannot size a fusion layer at {position!r} of layer {layer}")
+                    sites[(layer, position)] = dims[0]
+                else:
+                    sites[(layer, position)] = self.hidden_size if dims is None else dims[1]
+        return sites
+
+    def _new_fusion(self, names: list[str], adapters: list[TaskAdapter], task_type: str, labels: list[str],
+                    head_dropout: float, temperature: float, factory: dict[str, Any]) -> AdapterFusion:
+        task = TASKS.get(task_type) if isinstance(task_type, str) else None
+        if task is None:
+            raise ValueError(f"unknown head {task_type!r}; expected one of {', '.join(HEAD_TYPES + HEADLESS_TYPES)} or None")
+        head, head_spec = None, None
+        if task.head is not None:
+            if not labels:
+                raise ValueError(f"a {task_type} task needs its label names (labels=[...])")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"label names must be distinct; got {labels}")
+            head_spec = {"type": task_type, "num_labels": len(labels), "dropout": head_dropout}
+            head = task.build_head(head_spec, self.hidden_size, self.sites.pooling).to(**factory)
+        return AdapterFusion(
+            names, self._fusion_sites(names, adapters), self.num_layers,
+            member_sites={n: frozenset(site_keys(a)) for n, a in zip(names, adapters)},
+            temperature=temperature, head=head, task={"type": task_type, "labels": list(labels)},
+            head_spec=head_spec, **factory,
+        )
+
+    def _fusion_shapes(self, doc: dict[str, Any], adapters: list[TaskAdapter]) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape of the fusion ``doc`` describes over these loaded members: the real
+        modules, built on the meta device (no memory for weights)."""
+        names = [m["name"] for m in doc["members"]]
+        with torch.device("meta"):
+            fusion = self._new_fusion(names, adapters, doc["task"]["type"], list(doc["task"].get("labels", [])),
+                                      _head_dropout(doc), doc["temperature"], {"device": torch.device("meta")})
+        return {k: tuple(v.shape) for k, v in fusion.state_dict().items()}
+
     # -- routing -------------------------------------------------------------------------------
 
     def _make_route(self, names: AdapterNames, repeats_rows: bool = False) -> Route | NoAdapters | None:
@@ -460,18 +642,20 @@ class AdapterModel(nn.Module):
             self._check_merged([names])
             return Route.for_rows([self._get(names)])
         if isinstance(names, Block):  # one composition for the whole batch: one row, repeated
-            check_entry(names, self._get)
+            check_entry(names, self._get, self._get_fusion)
             self._check_merged(names.leaves())
-            return CompositeRoute.for_entries([names], self._get, self._stacks, repeats_rows=True)
+            return CompositeRoute.for_entries([names], self._get, self._stacks, repeats_rows=True,
+                                              fusions=self._get_fusion)
         if isinstance(names, torch.Tensor) or not isinstance(names, Sequence):
             raise TypeError(f"adapter_names must be a name, a list of names (None for no adapter) or None; got {type(names).__name__}")
         if not names:
             raise ValueError("adapter_names is empty")
         if any(isinstance(n, Block) for n in names):
             for n in names:
-                check_entry(n, self._get)
+                check_entry(n, self._get, self._get_fusion)
             self._check_merged([leaf for n in names for leaf in (n.leaves() if isinstance(n, Block) else [n])])
-            return CompositeRoute.for_entries(names, self._get, self._stacks, repeats_rows=repeats_rows)
+            return CompositeRoute.for_entries(names, self._get, self._stacks, repeats_rows=repeats_rows,
+                                              fusions=self._get_fusion)
         rows = [None if n is None else self._get(n) for n in names]
         self._check_merged(names)
         route = Route.for_rows(rows, self._stacks)
@@ -552,7 +736,7 @@ class AdapterModel(nn.Module):
         if len(members) < 2:
             raise ValueError(f"Parallel needs at least two members; got {len(members)}")
         for m in members:
-            check_entry(m, self._get)
+            check_entry(m, self._get, self._get_fusion)
         if batch is None:
             raise ValueError("Parallel needs batched inputs (input_ids or inputs_embeds)")
         if getattr(self.base.config, "is_encoder_decoder", False):
@@ -722,6 +906,13 @@ def _hidden_size(config: Any) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"cannot find the hidden size in {type(config).__name__}")
+
+
+def _head_dropout(doc: dict[str, Any]) -> float:
+    dropout = (doc.get("head") or {}).get("dropout", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ArtifactError(f"head dropout must be a number in [0, 1); got {dropout!r}")
+    return float(dropout)
 
 
 def _count(module: nn.Module) -> int:

@@ -66,6 +66,16 @@ def _cli(*args) -> int:
     return main([str(a) for a in args])
 
 
+def _assert_no_local_paths(folder, *paths) -> None:
+    """No file ``export`` wrote (configs, weights' headers, the card) holds any of ``paths``."""
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        data = f.read_bytes()
+        for path in paths:
+            assert str(path).encode() not in data, f"{f.name} holds the local path {path}"
+
+
 def _ours(base_dir, artifact) -> torch.Tensor:
     model = AdapterModel(BertModel.from_pretrained(base_dir)).eval()
     name = model.load_adapter(artifact)
@@ -89,6 +99,10 @@ def test_convert_peft_lora_then_export_to_peft(tmp_path, base_dir, peft_lora):
 
     out = tmp_path / "exported"
     assert _cli("export", artifact, "--base", base_dir, "--to", "peft", "--out", out) == 0
+    # only a local folder is known for the base: the config names none (PEFT loads it so), and no
+    # exported file holds a local path
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    _assert_no_local_paths(out, tmp_path, base_dir)
     again = PeftModel.from_pretrained(BertModel.from_pretrained(base_dir), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(_out(again(**tiny_inputs("bert"))), expected, atol=TOL, rtol=0)
@@ -125,6 +139,7 @@ def test_peft_classifier_card_names_the_portable_base(tmp_path, base_dir):
     assert str(tmp_path) not in card
     # the exported config names the portable base, not a local path
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny-bert"
+    _assert_no_local_paths(out, tmp_path, base_dir)
     again = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base_dir), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(_out(again(**tiny_inputs("bert"))), expected, atol=TOL, rtol=0)
@@ -149,12 +164,37 @@ def test_adapters_library_convert_and_export(tmp_path, base_dir):
     torch.testing.assert_close(_ours(base_dir, artifact), expected, atol=TOL, rtol=0)
     out = tmp_path / "back"
     assert _cli("export", artifact, "--base", base_dir, "--to", "adapters", "--out", out) == 0
+    # a local base only: model_name is null in both configs (the library loads it so), no local path anywhere
+    for config in ("adapter_config.json", "head_config.json"):
+        assert json.loads((out / config).read_text())["model_name"] is None
+    _assert_no_local_paths(out, tmp_path, base_dir)
     again = adapters.AutoAdapterModel.from_pretrained(base_dir)
     again.set_active_adapters(again.load_adapter(str(out), use_safetensors=True))
     with torch.no_grad():
         torch.testing.assert_close(_out(again.eval()(**tiny_inputs("bert"))), expected, atol=TOL, rtol=0)
     card = (out / "README.md").read_text()
     assert "AutoAdapterModel" in card and "library_name: adapter-transformers" in card and str(tmp_path) not in card
+
+
+def test_hub_push_of_a_folder_converts_as_convert_does(tmp_path, base_dir, peft_lora):
+    """``adapterkit hub push FOLDER`` runs convert's own code: the same tensors, the same ``source``."""
+    pytest.importorskip("adapterkit.hub.registry")
+    from safetensors.torch import load_file
+
+    from adapterkit.hub.registry import LocalRegistry
+
+    folder, expected = peft_lora
+    converted = tmp_path / "lora.safetensors"
+    assert _cli("convert", folder, "--base", base_dir, "--out", converted) == 0
+    root = tmp_path / "reg"
+    assert _cli("hub", "push", folder, "team/lora", "--base", base_dir, "--registry", root) == 0
+    pushed = LocalRegistry(root).download("team/lora")
+    mine, theirs = read_metadata(converted), read_metadata(pushed)
+    assert theirs["source"] == mine["source"] and theirs["source"]["format"] == "peft"
+    assert theirs["base"] == mine["base"] and theirs["name"] == mine["name"] == "lora"
+    a, b = load_file(converted), load_file(pushed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.testing.assert_close(_ours(base_dir, pushed), expected, atol=TOL, rtol=0)
 
 
 # -- bad inputs: a clear error, exit status 2, nothing written -------------------------------------

@@ -243,3 +243,44 @@ def test_pair_and_token_tasks_learn_end_to_end(tmp_path, minilm, kind):
     fresh = AdapterModel(AutoModel.from_pretrained(minilm))
     fresh.load_adapter(out)
     assert evaluate(fresh, "t", EncodedTask(val, tokenizer))["accuracy"] == result.best_metric
+
+
+def test_stochastic_adapter_drop_samples_per_step_and_cuts_the_lower_layers(tmp_path, tiny_bert, sentiment):
+    """``adapter_drop=K``: each step drops the lowest k layers' adapters, k from the seed and the step
+    (so the same on every process and after a resume); a dropped layer's adapter gets no gradient."""
+    from adapterkit.training.loop import dropped_layers
+
+    config = TrainConfig(epochs=1, batch_size=16, progress=False, adapter_drop=2, seed=3)
+    draws = [dropped_layers(config, step) for step in range(60)]
+    assert set(draws) == {0, 1, 2}
+    assert draws == [dropped_layers(config, step) for step in range(60)]
+    assert dropped_layers(TrainConfig(progress=False), 5) == 0
+    with pytest.raises(ValueError, match="adapter_drop"):
+        TrainConfig(adapter_drop=-1)
+    with pytest.raises(ValueError, match="full fine-tuning"):
+        TrainConfig(adapter_drop=1, full=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    train, val = load_task(sentiment[0]), load_task(sentiment[1])
+    model = _model(tiny_bert, train.labels)
+    lowest = model.adapters["s"].site(0, "ffn").down.weight
+    seen: list[tuple[int, bool]] = []  # (k of the step, did layer 0's adapter get a gradient)
+    lowest.register_hook(lambda g: seen.append(("grad", True)))
+    original = model.route
+
+    def spy(names, drop_below=0):  # record each step's drop; the loop routes through model.route
+        seen.append(("drop", drop_below))
+        return original(names, drop_below=drop_below)
+
+    model.route = spy
+    result = fit(model, "s", train, val, tokenizer, tmp_path / "s.safetensors", config)
+    assert result.best_metric >= 0
+    steps = result.history[-1]["step"]
+    assert 0 in draws[:steps] and any(draws[:steps])  # seed 3: both kinds of step happen
+    drops = [k for tag, k in seen if tag == "drop"]
+    assert drops == [k for k in draws[:steps] if k]  # a step without a drop routes as before
+    # layer 0's adapter got a gradient exactly on the steps that kept it (k == 0)
+    assert sum(1 for tag, _ in seen if tag == "grad") == sum(1 for k in draws[:steps] if k == 0)
+    with pytest.raises(ValueError, match="adapter_drop is 9"):
+        fit(_model(tiny_bert, train.labels), "s", train, val, tokenizer, tmp_path / "t.safetensors",
+            TrainConfig(epochs=1, progress=False, adapter_drop=9))

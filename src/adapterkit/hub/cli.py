@@ -11,6 +11,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -112,16 +113,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_folder(folder: str, base: str | None, ref: str, out: Path) -> str:
+    """A PEFT or adapters-library folder to the artifact ``out``, through ``adapterkit convert``'s own
+    code (exact or refused; the artifact records the source format under ``source``). Returns the format."""
+    from ..interop.cli import convert_to_artifact
+    from .names import parse_ref
+
+    if not base:
+        raise ValueError(f"{folder} is a folder: give --base, the base model (a Hugging Face folder or id) "
+                         "to convert it on")
+    default_name = parse_ref(ref, allow_latest=False).name  # checked before the base model is loaded
+    try:
+        fmt, _, _ = convert_to_artifact(folder, base, out, default_name=default_name)
+    except KeyError as e:  # a config missing a key the converter needs
+        raise ValueError(f"{folder}: cannot convert it: missing {e}") from None
+    return fmt
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     metrics = json.loads(args.metrics) if args.metrics else None
     base: Any = args.base
-    if base and Path(base).is_file():  # a fingerprint saved as JSON
-        base = json.loads(Path(base).read_text())
-    reg = _registry(args)
-    try:
-        info = reg.publish(args.file, args.ref, version=args.version, description=args.description, metrics=metrics, base=base)
-    finally:
-        _close(reg)
+    with tempfile.TemporaryDirectory(prefix="adapterkit-push-") as tmp:
+        file, converted = args.file, None
+        if Path(file).is_dir():  # a PEFT / adapters folder: --base is the model to convert it on
+            file = Path(tmp) / "converted.safetensors"
+            converted = _convert_folder(args.file, base, args.ref, file)
+            base = None  # the artifact was just made on that very model
+        elif base and Path(base).is_file():  # a fingerprint saved as JSON
+            base = json.loads(Path(base).read_text())
+        reg = _registry(args)
+        try:
+            info = reg.publish(file, args.ref, version=args.version, description=args.description, metrics=metrics, base=base)
+        finally:
+            _close(reg)
+    if converted and not args.json:
+        print(f"converted {_line(args.file)} ({converted}) to an adapterkit artifact")
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))  # JSON escapes control characters itself
     else:
@@ -339,13 +365,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # serve on an inherited listening socket
     p.set_defaults(func=_guarded(cmd_serve))
 
-    p = sub.add_parser("push", help="publish an artifact as namespace/name[@version]")
-    p.add_argument("file")
+    p = sub.add_parser("push", help="publish an artifact (or a PEFT / adapters-library folder) as namespace/name[@version]")
+    p.add_argument("file", help="an adapterkit artifact (.safetensors), or a folder PEFT or the adapters library saved "
+                   "(converted on the way in, as 'adapterkit convert' does; needs --base)")
     p.add_argument("ref", help="namespace/name or namespace/name@version")
     p.add_argument("--version", help="version to publish (default: next whole number)")
     p.add_argument("--description")
     p.add_argument("--metrics", help='JSON object, e.g. \'{"accuracy": 0.91}\'')
-    p.add_argument("--base", help="the base model's fingerprint id, or a JSON file with its fingerprint; must match")
+    p.add_argument("--base", help="for an artifact: the base model's fingerprint id, or a JSON file with its fingerprint; "
+                   "must match. For a folder: the base model it was trained on (a Hugging Face folder or id)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_registry(p, token=True)
     p.set_defaults(func=_guarded(cmd_push))

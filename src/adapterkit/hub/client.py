@@ -304,7 +304,7 @@ def checked_version(data: Any, expect: Ref | None = None) -> AdapterVersion:
     labels = data.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise ValueError("labels is not a list of strings")
-    for key in ("metrics", "base", "config"):
+    for key in ("metrics", "base", "config", "source"):
         if not isinstance(data.get(key, {}), dict):
             raise ValueError(f"{key} is not a JSON object")
     if expect is not None:

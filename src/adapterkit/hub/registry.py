@@ -95,6 +95,34 @@ class AdapterVersion:
     base: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     library_version: str = ""
+    # the artifact's ``source`` record when it was converted from another library (``format``:
+    # "peft" or "adapters", that library's version, the base model id the source named, ...)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source_format(self) -> str:
+        """The format the adapter was made in: "peft" or "adapters" when converted, else "adapterkit"."""
+        fmt = self.source.get("format") if isinstance(self.source, dict) else None
+        return fmt if isinstance(fmt, str) and fmt else "adapterkit"
+
+    @property
+    def base_model_id(self) -> str:
+        """The base model's portable id (a Hugging Face Hub id), when the artifact records one; "" when it
+        records only a local path (which means nothing on another machine, and is never shown)."""
+        from ..interop.card import card_base_id
+
+        return card_base_id({"base": {"name_or_path": self.name_or_path}, "source": self.source}) or ""
+
+    @property
+    def base_label(self) -> str:
+        """What a page shows as the base model: its id, else "unknown base (folder NAME, fingerprint ID)"."""
+        from ..interop.card import base_name
+
+        if self.base_model_id:
+            return self.base_model_id
+        source = self.source if isinstance(self.source, dict) else {}
+        folder = base_name(self.name_or_path) or base_name(str(source.get("base_folder") or ""))
+        return f"unknown base ({f'folder {folder}, ' if folder else ''}fingerprint {self.base_id})"
 
     @property
     def adapter(self) -> str:
@@ -369,6 +397,7 @@ def _row_to_version(row: Row) -> AdapterVersion:
         base=doc.get("base", {}),
         config=doc.get("config", {}),
         library_version=str(doc.get("library_version", "")),
+        source=doc["source"] if isinstance(doc.get("source"), dict) else {},
     )
 
 

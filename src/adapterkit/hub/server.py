@@ -161,7 +161,7 @@ def load_snippet(base_url: str, version: AdapterVersion) -> str:
     a placeholder. So nothing a publisher writes into an artifact, and nothing a client puts in a
     request header, can turn into code that runs when the snippet is pasted.
     """
-    model = version.name_or_path
+    model = version.base_model_id  # a local path the artifact recorded is never shown
     if not model or not SNIPPET_MODEL_RE.match(model) or ".." in model.split("/"):
         model = MODEL_PLACEHOLDER
     ref = "hub:" + str(Ref(validate_name(version.namespace), validate_name(version.name), validate_version(version.version, allow_latest=False)))

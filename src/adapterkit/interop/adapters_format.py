@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
+from .card import exported_base_id
 from .converted import Converted, labels_for, load_weight_file, read_json_object
 from .module_map import InteropError, ModuleMap
 
@@ -281,7 +282,7 @@ def write_adapters(model: AdapterModel, name: str, out: str | Path) -> Path:
         "leave_out": list(cfg.leave_out), "phm_layer": False, "inv_adapter": None, "inv_adapter_reduction_factor": None,
         "cross_adapter": False, "stochastic_depth": 0.0,
     }
-    common = {"hidden_size": d, "model_class": _model_class(model), "model_name": getattr(model.base.config, "_name_or_path", "") or "",
+    common = {"hidden_size": d, "model_class": _model_class(model), "model_name": exported_base_id(model.base),
               "model_type": model_type, "name": name, "version": LIBRARY_VERSION}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,14 @@ def portable_id(name: str | os.PathLike | None) -> str | None:
     return text if _HUB_ID.match(text) and ".." not in text else None
 
 
+def exported_base_id(model: Any) -> str | None:
+    """The base model id an exported config may name: the base's ``_name_or_path`` when it is a portable
+    Hub id, else None. A local path (where the base was loaded from on this machine) means nothing on
+    another one and leaks the machine's folder layout; PEFT and the adapters library both load an adapter
+    with the field null (neither reads it to find the base)."""
+    return portable_id(getattr(getattr(model, "config", None), "_name_or_path", None))
+
+
 def base_name(path: str | None) -> str:
     """The last part of a local path (``/home/me/models/tiny-bert`` -> ``tiny-bert``); never the path."""
     text = str(path or "").rstrip("/\\")

@@ -114,47 +114,62 @@ def _provenance(fmt: str, read: dict[str, Any], source_name: str, extra: dict[st
     return record
 
 
-def run_convert(args: argparse.Namespace) -> int:
-    """Run ``adapterkit convert``; errors are one line on stderr and exit status 2."""
-    from ..artifact import ArtifactError, build_metadata, write_artifact
+def convert_to_artifact(source: str, base: str, out: str | os.PathLike, name: str | None = None,
+                        labels: list[str] | None = None, default_name: str | None = None) -> tuple[str, str, str]:
+    """Convert ``source`` (a PEFT or adapters-library folder, or ``hf:org/name[@revision]``) for the
+    ``base`` model into the artifact ``out``; returns (source format, adapter kind, adapter name).
+
+    The adapter's name: ``name``, else the one saved in the source, else ``default_name``, else the
+    ``out`` file's stem. ``adapterkit convert`` and ``adapterkit hub push`` of a folder both run this.
+    Raises InteropError, ArtifactError, ValueError, OSError or KeyError; nothing is written then."""
+    from ..artifact import build_metadata, write_artifact
     from . import detect_format, read_foreign
     from .card import portable_id
     from .converted import install
     from .module_map import InteropError
 
-    out = Path(args.out)
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the artifact's file name (.safetensors)")
+    path, source_name, extra = _resolve_source(source)
+    if path.is_dir():
+        fmt = detect_format(path)
+        if fmt is None:
+            raise InteropError(f"{source}: not a PEFT or adapters-library folder (no adapter_config.json "
+                               "that either library wrote)")
+    else:  # an hf: repository holding one adapterkit artifact already: re-saved with its provenance
+        fmt = "adapterkit"
+    model = _load_base(base)
+    if fmt == "adapterkit":
+        name = model.load_adapter(path, name=name)
+        read: dict[str, Any] = {}
+    else:
+        converted = read_foreign(path, model, labels)
+        name = name or converted.name or default_name or out.name.removesuffix(".safetensors")
+        install(model, converted, name)
+        read = converted.source
+    adapter = model._get(name)
+    fingerprint = dict(model.fingerprint())
+    fingerprint["name_or_path"] = portable_id(base) or ""  # never a local path
+    meta = build_metadata(name, adapter.config, model.hidden_size, adapter.task, adapter.head_spec, fingerprint,
+                          description=f"converted from {fmt} ({source_name})")
+    meta["source"] = _provenance(fmt, read, source_name, extra, base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_artifact(out, adapter.state_dict(), meta)  # atomic: a failure leaves no file
+    return fmt, adapter.config.kind, name
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run ``adapterkit convert``; errors are one line on stderr and exit status 2."""
+    from ..artifact import ArtifactError
+    from .module_map import InteropError
+
     try:
-        if out.is_dir():
-            raise ValueError(f"--out {args.out} is a folder; give the artifact's file name (.safetensors)")
-        path, source_name, extra = _resolve_source(args.source)
         labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-        if path.is_dir():
-            fmt = detect_format(path)
-            if fmt is None:
-                raise InteropError(f"{args.source}: not a PEFT or adapters-library folder (no adapter_config.json "
-                                   "that either library wrote)")
-        else:  # an hf: repository holding one adapterkit artifact already: re-saved with its provenance
-            fmt = "adapterkit"
-        model = _load_base(args.base)
-        if fmt == "adapterkit":
-            name = model.load_adapter(path, name=args.name)
-            read = {}
-        else:
-            converted = read_foreign(path, model, labels)
-            name = args.name or converted.name or out.name.removesuffix(".safetensors")
-            install(model, converted, name)
-            read = converted.source
-        adapter = model._get(name)
-        fingerprint = dict(model.fingerprint())
-        fingerprint["name_or_path"] = portable_id(args.base) or ""  # never a local path
-        meta = build_metadata(name, adapter.config, model.hidden_size, adapter.task, adapter.head_spec, fingerprint,
-                              description=f"converted from {fmt} ({source_name})")
-        meta["source"] = _provenance(fmt, read, source_name, extra, args.base)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_artifact(out, adapter.state_dict(), meta)  # atomic: a failure leaves no file
+        fmt, kind, name = convert_to_artifact(args.source, args.base, args.out, args.name, labels)
     except (InteropError, ArtifactError, ValueError, OSError, KeyError) as e:
         return _error("convert", e)
-    print(f"{args.source} ({fmt}, {adapter.config.kind}) -> {args.out} (adapter {name!r})")
+    print(f"{args.source} ({fmt}, {kind}) -> {args.out} (adapter {name!r})")
     return 0
 
 

@@ -36,6 +36,7 @@ from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
 from ..kinds import ia3 as ia3_kind
 from ..kinds import lora as lora_kind
+from .card import exported_base_id
 from .converted import Converted, labels_for, load_weight_file, read_json_object
 from .module_map import InteropError, ModuleMap
 
@@ -331,7 +332,7 @@ def write_peft(model: AdapterModel, name: str, out: str | Path) -> Path:
                   "fan_in_fan_out": _fan_in_fan_out(model, targets, prefix), "init_ia3_weights": True}
     config.update({
         "task_type": task_type, "modules_to_save": modules_to_save, "inference_mode": True,
-        "base_model_name_or_path": getattr(model.base.config, "_name_or_path", None) or None,
+        "base_model_name_or_path": exported_base_id(model.base),  # a Hub id, or null: never a local path
         "revision": None, "peft_version": "0.21.2",  # the PEFT release this writer follows
     })
     out = Path(out)

@@ -88,6 +88,11 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base model dtype (adapters train in float32)")
     p.add_argument("--sites", help="where adapters attach when the site table has no row for the base: 'guess', "
                    "a JSON SiteSpec, or the path of a JSON file holding one")
+    p.add_argument("--leave-out", type=_layer_list, default=[], metavar="LAYERS",
+                   help="layers without adapters, e.g. 0-4 or 0,1,2 (AdapterDrop, fixed: the backward stops above them)")
+    p.add_argument("--adapter-drop", type=int, default=0, metavar="K",
+                   help="stochastic AdapterDrop: each step, no adapters in the lowest k layers, k uniform in 0..K "
+                        "(for a fixed drop, --leave-out)")
     p.add_argument("--checkpoint-steps", type=int, default=100, help="checkpoint every N steps too (0: epoch ends only)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the last checkpoint after a successful run (default: removed; --full's is hundreds of MB)")
@@ -191,6 +196,21 @@ def _kind_options(args: argparse.Namespace) -> dict:
     return {}
 
 
+def _layer_list(text: str) -> list[int]:
+    """``"0-4,7"`` -> [0, 1, 2, 3, 4, 7]."""
+    layers: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi) if hi else int(lo)
+            if first < 0 or last < first or last - first > 10_000:
+                raise ValueError
+            layers.extend(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices like 0-4 or 0,1,2; got {text!r}") from None
+    return layers
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``adapterkit train``; errors are one line on stderr and exit status 2."""
     import torch
@@ -211,13 +231,14 @@ def run(args: argparse.Namespace) -> int:
             adapter = AdapterConfig(
                 kind=args.kind or "houlsby", bottleneck_size=args.bottleneck_size,
                 reduction_factor=args.reduction_factor, activation=args.activation or "gelu",
-                dropout=args.dropout or 0.0, train_layer_norms=args.train_layer_norms, **_kind_options(args),
+                dropout=args.dropout or 0.0, train_layer_norms=args.train_layer_norms, leave_out=args.leave_out,
+                **_kind_options(args),
             )
         config = TrainConfig(
             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_ratio=args.warmup_ratio,
             weight_decay=args.weight_decay, max_length=args.max_length, seed=args.seed, full=args.full,
             metric=args.metric, device=args.device, dtype=args.dtype, checkpoint_steps=args.checkpoint_steps,
-            progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
+            progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints, adapter_drop=args.adapter_drop,
         )
         options = {
             "task_type": args.task_type, "text_column": args.text_column, "text_pair_column": args.text_pair_column,

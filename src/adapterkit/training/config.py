@@ -51,6 +51,10 @@ class TrainConfig:
     checkpoint_steps: int = 100
     progress: bool = True
     keep_checkpoints: bool = True
+    # AdapterDrop (Rücklé et al. 2021), stochastic: each step runs without adapters in the lowest k
+    # layers, k drawn uniformly from 0..adapter_drop (from the seed and the step: the same on every
+    # process and after a resume); 0: off. For a fixed drop, give the adapter leave_out instead.
+    adapter_drop: int = 0
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -64,6 +68,10 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr}")
+        if isinstance(self.adapter_drop, bool) or not isinstance(self.adapter_drop, int) or self.adapter_drop < 0:
+            raise ValueError(f"adapter_drop must be a layer count >= 0; got {self.adapter_drop!r}")
+        if self.adapter_drop and self.full:
+            raise ValueError("adapter_drop drops adapters; full fine-tuning (full=True) trains every layer")
         if self.checkpoint_steps < 0:
             raise ValueError(f"checkpoint_steps must be >= 0; got {self.checkpoint_steps}")
 

@@ -228,6 +228,8 @@ def _prepare(
     if cfg.dtype is not None:
         model.base.to(DTYPES[cfg.dtype])
     report = model.train_full(name) if cfg.full else model.train_adapter(name)
+    if cfg.adapter_drop > model.num_layers:
+        raise ValueError(f"adapter_drop is {cfg.adapter_drop}, but the model has {model.num_layers} layers")
 
     def encoded(data: TaskData | EncodedTask) -> EncodedTask:
         return data if isinstance(data, EncodedTask) else EncodedTask(data, tokenizer, cfg.max_length)
@@ -255,7 +257,8 @@ def _prepare(
         wrapped = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.full,  # the base's pooler is never used by our heads
+            # the base's pooler is never used by our heads; dropped layers' adapters get no gradient
+            find_unused_parameters=cfg.full or cfg.adapter_drop > 0,
         )
     return _Run(
         model=model, name=name, cfg=cfg, out=out, description=description, dist=dist, device=device, report=report,
@@ -338,8 +341,13 @@ def _batches(loader: DataLoader, skip: int) -> Iterator[tuple[int, dict[str, tor
 def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> float:
     """One optimizer step on one batch; returns its loss."""
     batch = {k: v.to(run.device) for k, v in batch.items()}
+    drop = dropped_layers(run.cfg, run.state["step"])
     with run.amp():
-        loss = run.wrapped(**batch, adapter_names=run.name).loss
+        if drop:  # the route carries the drop; DDP's forward runs in this thread, under it
+            with run.model.route(run.name, drop_below=drop):
+                loss = run.wrapped(**batch).loss
+        else:
+            loss = run.wrapped(**batch, adapter_names=run.name).loss
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.cfg.max_grad_norm:
@@ -347,6 +355,14 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> float:
     run.optimizer.step()
     run.scheduler.step()
     return loss.item()
+
+
+def dropped_layers(cfg: TrainConfig, step: int) -> int:
+    """Stochastic AdapterDrop: how many of the lowest layers run without adapters at ``step``."""
+    if not cfg.adapter_drop:
+        return 0
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return int(torch.randint(0, cfg.adapter_drop + 1, (1,), generator=g))
 
 
 def _end_of_epoch(run: _Run) -> None:
