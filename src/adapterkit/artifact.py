@@ -310,6 +310,26 @@ def check_adapter_metadata(meta: dict[str, Any], where: str) -> AdapterSpec:
     return AdapterSpec(config, task["type"], list(task.get("labels", [])), (head_spec or {}).get("dropout", 0.1))
 
 
+MAX_STACKED_ON = 15  # the adapters under one trained on a stack (composition.MAX_LEAVES less itself)
+
+
+def stacked_on_of(meta: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The adapters an artifact was trained on top of (``Stack(*under, it)``), bottom first: each
+    ``{"name", "sha256", "kind"}`` (the sha256 of its site tensors: ``fusion.member_digest``); [] for
+    an adapter trained alone. ArtifactError when the field is malformed."""
+    value = meta.get("stacked_on", [])
+    if not isinstance(value, list) or len(value) > MAX_STACKED_ON:
+        raise ArtifactError(f"{where}: metadata 'stacked_on' must be a list of at most {MAX_STACKED_ON} objects")
+    for entry in value:
+        if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64
+                or not isinstance(entry.get("kind", ""), str)):
+            raise ArtifactError(f"{where}: each 'stacked_on' entry needs a name and a 64-hex sha256; got {entry!r}")
+    if len({e["name"] for e in value}) != len(value):
+        raise ArtifactError(f"{where}: metadata 'stacked_on' names an adapter twice")
+    return [{"name": e["name"], "sha256": e["sha256"], "kind": e.get("kind", "")} for e in value]
+
+
 def load_tensors_strict(adapter: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Load ``tensors`` into ``adapter`` when their names and shapes are exactly its state dict's;
     ArtifactError listing the differences otherwise (``adapter`` is then untouched)."""

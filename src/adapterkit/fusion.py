@@ -177,8 +177,14 @@ def member_digest(adapter: TaskAdapter) -> str:
     """sha256 of an adapter's site tensors: sorted names, shapes and float32 values (a member's head is
     left out: a fusion never runs it). float32 so the digest does not depend on the dtype it is kept in
     as long as its values are the same."""
+    return tensors_digest(adapter.state_dict())
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """``member_digest`` of an adapter's state dict, or of its artifact's tensors (the same names), so
+    a registry can name a fusion's members without building a model."""
     h = hashlib.sha256()
-    for key, value in sorted(adapter.state_dict().items()):
+    for key, value in sorted(tensors.items()):
         if key.startswith("head."):
             continue
         t = value.detach().to("cpu", torch.float32).contiguous()

@@ -34,6 +34,7 @@ from .artifact import (
     fingerprints_match,
     load_tensors_strict,
     read_artifact,
+    stacked_on_of,
     write_artifact,
 )
 from .attach import Attachment
@@ -44,6 +45,7 @@ from .composition import (
     Fuse,
     Parallel,
     SplitAbove,
+    Stack,
     check_entry,
     lowest_adapted_layer,
     repeat_rows,
@@ -55,6 +57,7 @@ from .fusion import (
     build_fusion_metadata,
     check_fusion_file,
     check_member,
+    member_digest,
     read_fusion_tensors,
     site_keys,
     write_fusion,
@@ -350,8 +353,11 @@ class AdapterModel(nn.Module):
         return list(self.adapters.keys())
 
     def adapter_info(self, name: str) -> dict[str, Any]:
+        """Name, config, task, parameter count, and ``stacked_on``: the adapters (name, sha256, kind;
+        bottom first) it was trained on top of, which it expects under it (``check_stacked_on``)."""
         a = self._get(name)
-        return {"name": name, "config": a.config.to_dict(), "task": dict(a.task), "parameters": _count(a)}
+        return {"name": name, "config": a.config.to_dict(), "task": dict(a.task), "parameters": _count(a),
+                "stacked_on": [dict(e) for e in getattr(a, "stacked_on", [])]}
 
     def labels(self, name: str) -> list[str]:
         return list(self._get(name).task["labels"])
@@ -831,12 +837,25 @@ class AdapterModel(nn.Module):
         *,
         metrics: dict[str, float] | None = None,
         description: str = "",
+        stacked_on: Sequence[str] | None = None,
     ) -> Path:
         """Write adapter ``name`` (bottlenecks, norm affines, head) and its metadata to one
-        ``.safetensors`` file, atomically."""
+        ``.safetensors`` file, atomically.
+
+        ``stacked_on``: the loaded adapters (bottom first) it was trained on top of, as
+        ``Stack(*stacked_on, name)``; the metadata names each with the sha256 of its site tensors (never
+        a path), and the adapter keeps the record (``adapter_info``). None: the record it already has
+        (from ``load_adapter`` or an earlier save), if any."""
         adapter = self._get(name)
+        if stacked_on is not None:
+            if isinstance(stacked_on, str) or name in stacked_on or len(set(stacked_on)) != len(stacked_on):
+                raise ValueError(f"stacked_on is a list of other adapters' names, each once; got {stacked_on!r}")
+            adapter.stacked_on = [{"name": n, "sha256": member_digest(self._get(n)), "kind": self._get(n).config.kind}
+                                  for n in stacked_on]
         metadata = build_metadata(name, adapter.config, self.hidden_size, adapter.task, adapter.head_spec,
                                   self.fingerprint(), metrics, description)
+        if getattr(adapter, "stacked_on", None):  # absent for an adapter trained alone
+            metadata["stacked_on"] = [dict(e) for e in adapter.stacked_on]
         return write_artifact(path, adapter.state_dict(), metadata)
 
     def load_adapter(
@@ -887,17 +906,44 @@ class AdapterModel(nn.Module):
         if check_base and not fingerprints_match(self.fingerprint(), meta["base"]):
             raise BaseModelMismatch(str(path), self.fingerprint(), meta["base"])
         spec = check_adapter_metadata(meta, str(path))
+        # what it was trained on top of: recorded, not loaded (check_stacked_on compares what is loaded)
+        stacked_on = stacked_on_of(meta, str(path))
         try:
             adapter = self._build(spec.config, spec.task_type, spec.labels, spec.head_dropout, dtype)
         except ValueError as e:
             raise ArtifactError(f"{path}: {e}") from None
         load_tensors_strict(adapter, artifact.tensors or {}, str(path))
+        if stacked_on:
+            adapter.stacked_on = stacked_on
         adapter.train(self.training)
         self.adapters[name] = adapter
         return name
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def check_stacked_on(model: AdapterModel, name: str) -> str | Stack:
+    """The route adapter ``name`` was trained under: ``Stack(*under, name)``, or ``name`` for one trained
+    alone. ValueError when an adapter it was trained on top of is not loaded, or is loaded with other
+    tensors than it had then (sha256 of its site tensors, ``fusion.member_digest``)."""
+    under = model.adapter_info(name)["stacked_on"]
+    if not under:
+        return name
+    for entry in under:
+        if entry["name"] not in model.adapters:
+            raise ValueError(
+                f"adapter {name!r} was trained on top of {[e['name'] for e in under]} (bottom first); "
+                f"{entry['name']!r} is not loaded: load its artifact first"
+            )
+        digest = member_digest(model.adapters[entry["name"]])
+        if digest != entry["sha256"]:
+            raise ValueError(
+                f"adapter {name!r} was trained on top of another {entry['name']!r} than the one loaded "
+                f"(sha256 {digest[:12]} loaded vs {entry['sha256'][:12]} when trained): load the artifact "
+                "it was trained with, or retrain it"
+            )
+    return Stack(*(e["name"] for e in under), name)
 
 
 def _hidden_size(config: Any) -> int:

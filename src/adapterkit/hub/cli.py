@@ -21,7 +21,7 @@ from typing import Any
 from ..artifact import ArtifactError
 from .errors import HubError
 from .query import LIMIT_DEFAULT, SearchQuery
-from .registry import AdapterVersion, IndexedRegistry, LocalRegistry, Registry
+from .registry import AdapterVersion, IndexedRegistry, LocalRegistry, Registry, pull
 from .resolve import open_registry
 
 
@@ -158,20 +158,31 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     reg = _registry(args)
     try:
-        info = reg.info(args.ref)
-        path = reg.download(args.ref)
+        pulled = pull(reg, args.ref)  # a fusion's members too
     finally:
         _close(reg)
-    if info.yanked:
-        print(f"warning: {info.ref} is yanked{': ' + _line(info.yank_reason) if info.yank_reason else ''}", file=sys.stderr)
+    for info in [pulled.version] + [v for v, _ in pulled.members]:
+        if info.yanked:
+            print(f"warning: {info.ref} is yanked{': ' + _line(info.yank_reason) if info.yank_reason else ''}", file=sys.stderr)
+    for m in pulled.unresolved:
+        print(f"warning: fusion member {_line(m.get('name'))} (sha256 {_line(m.get('sha256'))[:12]}…) is not in this "
+              "registry; load it from where you have it before the fusion", file=sys.stderr)
+    paths = [pulled.path] + [p for _, p in pulled.members]
     if args.output:
         out = Path(args.output)
-        if out.is_dir():
-            out = out / f"{info.namespace}-{info.name}-{info.version}.safetensors"
-        shutil.copyfile(path, out)
-        path = out
-    print(path)
+        folder = out if out.is_dir() else out.parent
+        copies = [out if not out.is_dir() else folder / _file_name(pulled.version)]
+        copies += [folder / _file_name(v) for v, _ in pulled.members]  # members beside the fusion
+        for src, dest in zip(paths, copies):
+            shutil.copyfile(src, dest)
+        paths = copies
+    for path in paths:  # the pulled version first, then its members
+        print(path)
     return 0
+
+
+def _file_name(info: AdapterVersion) -> str:
+    return f"{info.namespace}-{info.name}-{info.version}.safetensors"
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -201,7 +212,8 @@ def _describe(v: AdapterVersion) -> str:
         ("description", v.description),
         ("base model", f"{v.name_or_path or '?'} ({v.model_type}, fingerprint {v.base_id})"),
         ("task", v.task_type + (f": {', '.join(v.labels)}" if v.labels else "")),
-        ("kind", f"{v.kind}, bottleneck {v.bottleneck_size}"),
+        ("kind", f"{v.kind}, bottleneck {v.bottleneck_size}" if v.bottleneck_size is not None else v.kind),
+        ("members", ", ".join(f"{m.get('name')} ({m.get('ref') or 'not in this registry'})" for m in v.members)),
         ("metrics", _metrics(v.metrics)),
         ("size", _size(v.size)),
         ("sha256", v.sha256),
@@ -378,7 +390,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_registry(p, token=True)
     p.set_defaults(func=_guarded(cmd_push))
 
-    p = sub.add_parser("pull", help="download (and verify) an adapter; prints the local path")
+    p = sub.add_parser("pull", help="download (and verify) an adapter (a fusion: its members too); prints the local paths")
     p.add_argument("ref", help="namespace/name[@version|@latest]")
     p.add_argument("-o", "--output", help="copy the file here (a file name or a folder)")
     _add_registry(p)

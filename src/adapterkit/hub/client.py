@@ -129,7 +129,7 @@ class RemoteRegistry(Registry):
         version = version or target.version
         path = Path(path)
         try:  # fail here, before uploading megabytes, on a file that is clearly wrong
-            read_metadata(path)
+            _read_either_metadata(path)
         except FileNotFoundError:
             raise InvalidArtifact(f"{path}: no such file") from None
         except ArtifactError as e:
@@ -278,6 +278,20 @@ class RemoteRegistry(Registry):
         atomic_write_text(path, sha)
 
 
+def _read_either_metadata(path: Path) -> dict[str, Any]:
+    """An adapter's metadata, or a fusion's (``fusion.py``: imported only for one); the adapter's error
+    when it is neither."""
+    try:
+        return read_metadata(path)
+    except ArtifactError as e:
+        from ..fusion import read_fusion_header
+
+        try:
+            return read_fusion_header(path)[1]
+        except ArtifactError:
+            raise e from None
+
+
 _STR_FIELDS = ("description", "base_id", "model_type", "name_or_path", "kind", "task_type", "yank_reason", "library_version")
 
 
@@ -307,6 +321,14 @@ def checked_version(data: Any, expect: Ref | None = None) -> AdapterVersion:
     for key in ("metrics", "base", "config", "source"):
         if not isinstance(data.get(key, {}), dict):
             raise ValueError(f"{key} is not a JSON object")
+    members = data.get("members", [])
+    if not isinstance(members, list) or len(members) > 64:
+        raise ValueError("members is not a list")
+    for m in members:  # a fusion's; a member's ref is later downloaded, so it must be an exact reference
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not isinstance(m.get("sha256"), str):
+            raise ValueError("a member has no name or sha256")
+        if "ref" in m and (not isinstance(m["ref"], str) or parse_ref(m["ref"], allow_latest=False).version is None):
+            raise ValueError(f"member ref {m.get('ref')!r} is not an exact namespace/name@version")
     if expect is not None:
         if (namespace, name) != (expect.namespace, expect.name):
             raise ValueError(f"asked for {expect.adapter}, got {namespace}/{name}")

@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from ..artifact import (
+    FINGERPRINT_KEYS,
+    MAX_HIDDEN_SIZE,
     MAX_LAYERS,
+    METADATA_KEY,
     ArtifactError,
     Header,
     check_shapes,
@@ -60,6 +63,11 @@ METRICS_MAX_KEYS = 64
 METRIC_KEY_MAX = 64
 METRIC_TEXT_MAX = 200
 SCHEMA_VERSION = 1
+FUSION_FORMAT = "adapterkit.fusion"  # as fusion.FUSION_FORMAT (fusion.py is imported only for a fusion)
+FUSION_KIND = "fusion"  # the index's kind column for a fusion artifact
+# Published adapters whose digest is compared with one fusion member's, at most (same base and kind;
+# same name first, then the newest): bounds the work of one publish.
+MEMBER_CANDIDATES_MAX = 64
 
 
 def default_home() -> Path:
@@ -98,6 +106,14 @@ class AdapterVersion:
     # the artifact's ``source`` record when it was converted from another library (``format``:
     # "peft" or "adapters", that library's version, the base model id the source named, ...)
     source: dict[str, Any] = field(default_factory=dict)
+    # a fusion's members, as its artifact names them ({"name", "sha256", "kind"}: the sha256 of the
+    # member's site tensors), each with "ref" (``namespace/name@version``) when this registry holds it
+    members: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def dependencies(self) -> list[str]:
+        """The exact references a fusion needs loaded first (its members this registry holds)."""
+        return [m["ref"] for m in self.members if isinstance(m, dict) and isinstance(m.get("ref"), str)]
 
     @property
     def source_format(self) -> str:
@@ -260,6 +276,8 @@ def check_artifact(path: Path, declared_base: dict[str, Any] | str | None = None
         header = read_header(path)
         if not header.tensors:
             raise InvalidArtifact(f"{label}: the artifact holds no tensors")
+        if _is_fusion(header):
+            return _check_fusion_artifact(path, header, declared_base, label)
         doc = header_metadata(header, label, max_bytes=METADATA_MAX_BYTES)
         if has_surrogate(doc):  # SQLite, JSON answers and pages all need encodable text
             raise InvalidArtifact(f"{label}: metadata holds a lone UTF-16 surrogate or is nested too deeply")
@@ -274,7 +292,15 @@ def check_artifact(path: Path, declared_base: dict[str, Any] | str | None = None
     size = doc["config"].get("bottleneck_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
         raise InvalidArtifact(f"{label}: metadata 'config.bottleneck_size' must be a positive integer, got {size!r}")
-    fp = doc["base"]
+    check_fingerprint(doc["base"], declared_base, label)
+    return doc
+
+
+def check_fingerprint(fp: dict[str, Any], declared_base: dict[str, Any] | str | None, label: str) -> None:
+    """The base fingerprint is self-consistent and matches the base the publisher declared."""
+    missing = [k for k in FINGERPRINT_KEYS if k not in fp]
+    if missing:
+        raise InvalidArtifact(f"{label}: base fingerprint lacks {', '.join(missing)}")
     for key in ("hidden_size", "num_layers"):
         if isinstance(fp[key], bool) or not isinstance(fp[key], int) or fp[key] <= 0:
             raise InvalidArtifact(f"{label}: base fingerprint '{key}' must be a positive integer, got {fp[key]!r}")
@@ -300,6 +326,72 @@ def check_artifact(path: Path, declared_base: dict[str, Any] | str | None = None
                 f"{label}: base fingerprint does not match the declared base: the artifact is for "
                 f"{describe_fingerprint(fp)}, the publisher declared {declared_text}"
             )
+
+
+def _is_fusion(header: Header) -> bool:
+    text = header.metadata.get(METADATA_KEY) or ""
+    if len(text) > METADATA_MAX_BYTES:
+        return False  # the adapter path refuses it, saying why
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == FUSION_FORMAT
+
+
+_FUSION_TENSOR_RE = re.compile(r"^layers\.(\d{1,4})\.([a-z0-9_]{1,32})\.(query|key|value)$")
+
+
+def _check_fusion_artifact(path: Path, header: Header, declared_base: dict[str, Any] | str | None,
+                           label: str) -> dict[str, Any]:
+    """A fusion artifact (``fusion.py``): its document, then its tensors' names and shapes from the
+    header (square (d, d) query / key / value per site; the head the document describes), then every
+    tensor read, then the fingerprint. The exact sites are checked by a model's ``load_fusion``."""
+    import torch
+
+    from ..fusion import read_fusion_header, read_fusion_tensors
+    from ..tasks import build_head
+
+    try:
+        _, doc = read_fusion_header(path)
+    except ArtifactError as e:
+        raise InvalidArtifact(str(e).replace(str(path), label)) from None
+    if has_surrogate(doc):
+        raise InvalidArtifact(f"{label}: metadata holds a lone UTF-16 surrogate or is nested too deeply")
+    check_fingerprint(doc["base"], declared_base, label)
+    sites: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
+    head: dict[str, tuple[int, ...]] = {}
+    for name, entry in header.tensors.items():
+        if name.startswith("head."):
+            head[name[len("head."):]] = entry.shape
+            continue
+        m = _FUSION_TENSOR_RE.match(name)
+        if m is None or int(m.group(1)) >= doc["base"]["num_layers"]:
+            raise InvalidArtifact(f"{label}: tensor {name!r} is not a fusion layer of this base's layers")
+        d = entry.shape[0] if entry.shape else 0
+        if entry.shape != (d, d) or not 0 < d <= MAX_HIDDEN_SIZE:
+            raise InvalidArtifact(f"{label}: fusion tensor {name!r} has shape {entry.shape}; expected (d, d)")
+        sites.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = entry.shape
+    if not sites:
+        raise InvalidArtifact(f"{label}: the fusion artifact holds no fusion layers")
+    for (layer, position), parts in sites.items():
+        if len(parts) != 3 or len(set(parts.values())) != 1:
+            raise InvalidArtifact(f"{label}: fusion layer {layer}.{position} needs query, key and value of one shape")
+    if doc["head"] is None:
+        expected_head: dict[str, tuple[int, ...]] = {}
+    else:
+        try:
+            with torch.device("meta"):  # shapes only: no memory for weights (pooling changes no shape)
+                module = build_head(doc["head"], doc["base"]["hidden_size"], "first")
+        except (ValueError, TypeError, KeyError) as e:
+            raise InvalidArtifact(f"{label}: metadata describes no buildable head: {e}") from None
+        expected_head = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if head != expected_head:
+        raise InvalidArtifact(f"{label}: the head's tensors do not match the head its metadata describes")
+    try:
+        read_fusion_tensors(path)  # every tensor materialised: truncation, corruption, NaN show up here
+    except ArtifactError as e:
+        raise InvalidArtifact(str(e).replace(str(path), label)) from None
     return doc
 
 
@@ -398,6 +490,7 @@ def _row_to_version(row: Row) -> AdapterVersion:
         config=doc.get("config", {}),
         library_version=str(doc.get("library_version", "")),
         source=doc["source"] if isinstance(doc.get("source"), dict) else {},
+        members=list(doc.get("members", [])) if doc.get("format") == FUSION_FORMAT else [],
     )
 
 
@@ -561,6 +654,11 @@ class IndexedRegistry(Registry):
             except BadRequest:
                 metrics = {}
         fp, task = doc["base"], doc["task"]
+        fused = doc.get("format") == FUSION_FORMAT
+        if fused:  # its members as dependencies: by this registry's reference where it holds them
+            doc = {**doc, "members": self._member_refs(doc)}
+        kind = FUSION_KIND if fused else doc["config"]["kind"]
+        bottleneck = None if fused else doc["config"].get("bottleneck_size")
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT owner FROM namespaces WHERE name = ?", (ref.namespace,)).fetchone()
@@ -591,7 +689,7 @@ class IndexedRegistry(Registry):
                     ref.namespace, ref.name, version, sha, upload.size, now, description,
                     json.dumps(metrics, sort_keys=True), json.dumps(doc, sort_keys=True),
                     str(fp["id"]), str(fp["model_type"]), str(fp.get("name_or_path") or ""),
-                    doc["config"]["kind"], doc["config"].get("bottleneck_size"), task["type"],
+                    kind, bottleneck, task["type"],
                     json.dumps(task.get("labels", [])), owner,
                 ),
             )
@@ -601,6 +699,41 @@ class IndexedRegistry(Registry):
                 "SELECT * FROM versions WHERE namespace=? AND name=? AND version=?", (ref.namespace, ref.name, version)
             ).fetchone()
         return _row_to_version(row)
+
+    def _member_refs(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """A fusion's members, each with ``ref`` where an adapter version in this registry (same base,
+        same kind, not deleted) has exactly its site tensors (``fusion.tensors_digest``); the same name
+        first, then the newest. The others stay named by name and sha256 alone."""
+        from ..fusion import tensors_digest
+
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT namespace, name, version, sha256, kind, created FROM versions"
+                " WHERE deleted = 0 AND missing = 0 AND base_id = ? AND kind != ?",
+                (str(doc["base"]["id"]), FUSION_KIND),
+            ).fetchall()
+        digests: dict[str, str | None] = {}  # blob sha256 -> site digest (None: unreadable)
+
+        def digest_of(blob: str) -> str | None:
+            if blob not in digests:
+                path = self.blobs.local_path(blob)
+                try:
+                    digests[blob] = None if path is None else tensors_digest(read_artifact(path).tensors or {})
+                except (ArtifactError, OSError):
+                    digests[blob] = None
+            return digests[blob]
+
+        out = []
+        for m in doc["members"]:
+            member = {"name": m["name"], "sha256": m["sha256"], "kind": str(m.get("kind", ""))}
+            candidates = [r for r in rows if not member["kind"] or r["kind"] == member["kind"]]
+            candidates.sort(key=lambda r: (r["name"] != m["name"], -r["created"]))
+            for r in candidates[:MEMBER_CANDIDATES_MAX]:
+                if digest_of(r["sha256"]) == m["sha256"]:
+                    member["ref"] = f"{r['namespace']}/{r['name']}@{r['version']}"
+                    break
+            out.append(member)
+        return out
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -759,6 +892,32 @@ class IndexedRegistry(Registry):
                     )
                 ]
         return out
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """What ``pull`` fetched: the version and its verified file, then (for a fusion) each member this
+    registry holds, and the members it does not hold (name, sha256, kind: load those from elsewhere)."""
+
+    version: AdapterVersion
+    path: Path
+    members: list[tuple[AdapterVersion, Path]] = field(default_factory=list)
+    unresolved: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pull(registry: Registry, ref: str) -> Pulled:
+    """Download ``ref`` (verified against its sha256) and, for a fusion, its members too, by the exact
+    references recorded when it was published (versions are immutable, so these are the very tensors
+    it was trained over)."""
+    version = registry.info(ref)
+    path = registry.download(version.ref)
+    members, unresolved = [], []
+    for m in version.members:
+        if isinstance(m.get("ref"), str):
+            members.append((registry.info(m["ref"]), registry.download(m["ref"])))
+        else:
+            unresolved.append(dict(m))
+    return Pulled(version, path, members, unresolved)
 
 
 class LocalRegistry(IndexedRegistry):

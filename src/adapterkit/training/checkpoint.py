@@ -4,6 +4,7 @@ Layout of ``OUT.ckpt/``::
 
     latest.json                 {"dir": "step-00000120", "step": 120}  (the pointer; renamed in last)
     step-00000120/adapter.safetensors   the adapter artifact at that step
+    step-00000120/fusion.safetensors    instead, when a fusion trains: its artifact at that step
     step-00000120/base.safetensors      full fine-tuning only: the base model's weights
     step-00000120/trainer.safetensors   optimizer tensors and every process's RNG states
     step-00000120/state.json            step, epoch, history, optimizer scalars, scheduler, Python RNG
@@ -101,6 +102,8 @@ def save_checkpoint(
     state: dict[str, Any],
     full: bool,
     rng: dict[str, torch.Tensor],
+    *,
+    fusion: bool = False,
 ) -> None:
     """Write one checkpoint (layout in the module docstring) and drop the previous one."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,10 @@ def save_checkpoint(
     if step_dir.exists():
         shutil.rmtree(step_dir)
     step_dir.mkdir()
-    model.save_adapter(name, step_dir / "adapter.safetensors")
+    if fusion:  # a fusion being trained (its members are fixed): its own artifact
+        model.save_fusion(name, step_dir / "fusion.safetensors")
+    else:
+        model.save_adapter(name, step_dir / "adapter.safetensors")
     if full:
         save_tensors(step_dir / "base.safetensors", base_state(model))
     tensors, opt_doc = optimizer_to_files(optimizer)
@@ -139,9 +145,11 @@ def load_checkpoint(folder: Path) -> tuple[Path | None, dict[str, Any]] | None:
 def load_checkpoint_tensors(step_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The tensors of one checkpoint: ``adapter``, ``trainer`` and (full fine-tuning) ``base``."""
     from ..artifact import read_artifact
+    from ..fusion import read_fusion_tensors
 
-    out = {
-        "adapter": read_artifact(step_dir / "adapter.safetensors").tensors or {},
+    fused = step_dir / "fusion.safetensors"
+    out = {  # "adapter": the trained module's tensors, an adapter's or a fusion's
+        "adapter": read_fusion_tensors(fused) if fused.exists() else read_artifact(step_dir / "adapter.safetensors").tensors or {},
         "trainer": load_file(str(step_dir / "trainer.safetensors")),
     }
     if (step_dir / "base.safetensors").exists():

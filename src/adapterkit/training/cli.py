@@ -2,6 +2,8 @@
 
     adapterkit train --base PATH --data train.csv --task sentiment --kind houlsby --out runs/sentiment.safetensors
     torchrun --nproc_per_node 2 -m adapterkit.cli train ...   # same command, DDP
+    adapterkit train ... --stack-under runs/domain.safetensors --task ner --out runs/ner.safetensors   # Stack(domain, ner)
+    adapterkit train ... --fusion-of runs/a.safetensors runs/b.safetensors --task f --out runs/f.safetensors  # AdapterFusion
     adapterkit predict runs/sentiment.safetensors runs/topic.safetensors --base PATH --data new.csv --out preds.csv
     adapterkit evaluate runs/sentiment.safetensors --base PATH --data test.csv --json scores.json
 """
@@ -93,6 +95,13 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--adapter-drop", type=int, default=0, metavar="K",
                    help="stochastic AdapterDrop: each step, no adapters in the lowest k layers, k uniform in 0..K "
                         "(for a fixed drop, --leave-out)")
+    p.add_argument("--stack-under", action="append", default=[], metavar="ADAPTER.safetensors",
+                   help="train on top of this adapter artifact, loaded frozen (repeatable, bottom first): every step "
+                        "and evaluation runs Stack(*under, task); the artifact records each by name and sha256")
+    p.add_argument("--fusion-of", nargs="+", default=[], metavar="ADAPTER.safetensors",
+                   help="train an AdapterFusion named --task over these adapter artifacts (two or more, loaded frozen, "
+                        "without layer-norm affines) with the task's head, instead of an adapter; --out is the fusion's "
+                        "artifact (load it with load_fusion after its members)")
     p.add_argument("--checkpoint-steps", type=int, default=100, help="checkpoint every N steps too (0: epoch ends only)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the last checkpoint after a successful run (default: removed; --full's is hundreds of MB)")
@@ -161,12 +170,14 @@ def _warn(command: str, message: str) -> None:
 
 def _check_train_options(args: argparse.Namespace) -> None:
     """Refuse options the chosen mode would ignore, warn about ones that do nothing here."""
-    if args.full:
+    if args.full or args.fusion_of:
+        mode = "--full trains the whole model" if args.full else "--fusion-of trains a fusion of existing adapters"
         given = [flag for key, flag in _ADAPTER_OPTIONS.items() if getattr(args, key) is not None]
         given += ["--rslora"] if args.rslora else []
+        given += ["--leave-out"] if args.fusion_of and args.leave_out else []
         if given:
-            raise ValueError(f"--full trains the whole model, not an adapter: {', '.join(given)} would be ignored; "
-                             "drop them or drop --full")
+            raise ValueError(f"{mode}, not an adapter: {', '.join(given)} would be ignored; "
+                             f"drop them or drop {'--full' if args.full else '--fusion-of'}")
     if args.validation_split and args.validation and os.path.isfile(args.validation):
         _warn("train", f"--validation-split applies to datasets data; {args.validation} is a file, so it is ignored")
     if args.split != "train" and os.path.isfile(args.data):
@@ -227,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         from ..config import AdapterConfig
 
         adapter = None
-        if not args.full:
+        if not args.full and not args.fusion_of:
             adapter = AdapterConfig(
                 kind=args.kind or "houlsby", bottleneck_size=args.bottleneck_size,
                 reduction_factor=args.reduction_factor, activation=args.activation or "gelu",
@@ -253,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(
             args.base, args.data, args.task, args.out, validation=args.validation, kind=args.kind or "houlsby",
             adapter=adapter, config=config, resume=args.resume, data_options=options,
-            sites=parse_sites(args.sites),
+            sites=parse_sites(args.sites), stack_under=args.stack_under, fusion_of=args.fusion_of,
         )
     except TrainingInterrupted as e:
         print(f"adapterkit train: interrupted: {e}", file=sys.stderr)

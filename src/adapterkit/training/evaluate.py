@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..composition import Block
 from ..data import EncodedTask
 from ..model import AdapterModel
 from ..tasks import TASKS
@@ -50,7 +51,7 @@ def per_class_report(confusion: torch.Tensor, labels: list[str]) -> list[dict[st
 @torch.no_grad()
 def confusion_and_loss(
     model: AdapterModel,
-    name: str,
+    name: str | Block,
     data: EncodedTask,
     *,
     batch_size: int = 64,
@@ -87,7 +88,7 @@ def confusion_and_loss(
 
 def evaluate(
     model: AdapterModel,
-    name: str,
+    name: str | Block,
     data: EncodedTask,
     *,
     batch_size: int = 64,
@@ -95,6 +96,7 @@ def evaluate(
     _dist: Dist | None = None,
 ) -> dict[str, float]:
     """Loss, accuracy and macro-F1 of adapter ``name`` on ``data`` (tokens with label -100 ignored).
+    ``name`` may be a composition (``Stack("domain", "ner")``, ``Fuse(..., fusion="f")``): every row runs it.
 
     Under DDP each process takes every N-th example and the counts are summed across processes.
     Generative tasks (``TaskType.generation``) get ``causal_lm.evaluate_lm``'s (a decoder) or

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..composition import Fuse, Stack
 from ..config import AdapterConfig
 from ..data import TaskData, load_task, stratified_split
 from ..model import AdapterModel
@@ -32,8 +34,18 @@ def train(
     validation_fraction: float = 0.1,
     data_options: dict[str, Any] | None = None,
     sites: SiteSpec | str | None = None,
+    stack_under: Sequence[str | os.PathLike] = (),
+    fusion_of: Sequence[str | os.PathLike] = (),
 ) -> TrainResult:
     """Load a base model and a task's data, add adapter ``task`` and train it (see ``fit``).
+
+    ``stack_under``: adapter artifacts (bottom first) loaded frozen, under the new adapter: every
+    step and evaluation runs ``Stack(*under, task)``, and the artifact records each under-adapter's
+    name and sha256 (``AdapterModel.adapter_info``; ``check_stacked_on``).
+
+    ``fusion_of``: adapter artifacts (two or more, without norm affines) loaded frozen; instead of an
+    adapter, an AdapterFusion ``task`` over them with the task's head trains, routed as
+    ``Fuse(*members, fusion=task)``, and ``out`` is its fusion artifact (``AdapterModel.save_fusion``).
 
     Without ``validation``, a seeded stratified ``validation_fraction`` of ``data`` is held out.
     ``data_options`` go to ``data.load_task`` (column names, task type, encoding...). ``sites``: as for
@@ -55,6 +67,22 @@ def train(
         tokenizer = AutoTokenizer.from_pretrained(base)
         base_model = auto.from_pretrained(base, dtype=dtype) if dtype else auto.from_pretrained(base)
     model = AdapterModel(base_model, sites=sites)
+    if (stack_under or fusion_of) and cfg.full:
+        raise ValueError("stack_under / fusion_of train on top of frozen adapters; full fine-tuning trains the whole model")
+    if stack_under and fusion_of:
+        raise ValueError("give stack_under or fusion_of, not both")
+    adapter_dtype = torch.float32 if dtype is not None and not cfg.full else None
+    if fusion_of:
+        if adapter is not None:
+            raise ValueError("fusion_of trains a fusion over existing adapters: no adapter config to give")
+        members = [model.load_adapter(path, dtype=adapter_dtype) for path in fusion_of]
+        torch.manual_seed(cfg.seed)  # the fusion's and head's initial weights, identical on every process
+        model.add_fusion(task, members, head=train_data.task_type, labels=train_data.labels, dtype=adapter_dtype)
+        return fit(model, task, train_data, validation_data, tokenizer, out, cfg, resume=resume,
+                   route=Fuse(*members, fusion=task))
+    under = [model.load_adapter(path, dtype=adapter_dtype) for path in stack_under]
+    if task in under:
+        raise ValueError(f"the new adapter's name {task!r} is taken by an adapter it is stacked on; pick another --task")
     if cfg.full:
         adapter = AdapterConfig(leave_out=list(range(model.num_layers)), train_layer_norms=False)
     elif adapter is None:
@@ -62,9 +90,10 @@ def train(
     torch.manual_seed(cfg.seed)  # the adapter's and head's initial weights, identical on every process
     model.add_adapter(
         task, adapter, head=train_data.task_type, labels=train_data.labels,
-        dtype=torch.float32 if dtype is not None and not cfg.full else None,
+        dtype=adapter_dtype,
     )
-    return fit(model, task, train_data, validation_data, tokenizer, out, cfg, resume=resume)
+    route = Stack(*under, task) if under else None
+    return fit(model, task, train_data, validation_data, tokenizer, out, cfg, resume=resume, route=route)
 
 
 def _stderr_is_terminal() -> bool:

@@ -33,7 +33,9 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..artifact import read_artifact
+from ..composition import Block, Entry, Fuse, Parallel, Stack, check_entry
 from ..data import EncodedTask, TaskData
+from ..fusion import read_fusion_tensors
 from ..model import AdapterModel, ParameterReport
 from .checkpoint import (
     base_state,
@@ -152,6 +154,14 @@ class _Run:
     params: list[torch.nn.Parameter]
     state: dict[str, Any]
     progress: _Progress
+    # what every step and evaluation routes to: ``name`` itself, or a block that holds it
+    # (``Stack(*under, name)``; for a fusion ``Fuse(*members, fusion=name)``)
+    route: str | Block = ""
+    fusion: bool = False  # ``name`` is a fusion (``model.fusions``), not an adapter
+
+    @property
+    def trainee(self) -> torch.nn.Module:
+        return self.model.fusions[self.name] if self.fusion else self.model.adapters[self.name]
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -173,7 +183,7 @@ class _Run:
         rng = gather_rng_states(self.dist, self.device)
         if self.dist.main:
             save_checkpoint(self.paths["checkpoint"], self.model, self.name, self.optimizer, self.scheduler,
-                            self.state, self.cfg.full, rng)
+                            self.state, self.cfg.full, rng, fusion=self.fusion)
 
 
 def fit(
@@ -187,17 +197,25 @@ def fit(
     *,
     resume: bool = False,
     description: str = "",
+    route: Entry = None,
 ) -> TrainResult:
     """Train adapter ``name`` (already added to ``model``, with its head) and keep the best artifact.
 
     ``config.full`` trains the base model too. Returns the best validation metric and the history;
     afterwards the model holds the best weights. Raises TrainingInterrupted on SIGINT / SIGTERM (after
     a checkpoint), and ValueError when ``resume`` finds a checkpoint of a different run.
+
+    ``route``: what every training step and evaluation runs, when not ``name`` alone: a block holding
+    ``name`` (``Stack("domain", name)``: the other members stay frozen, and the artifact records the
+    adapters under it by name and sha256). ``name`` may be a fusion (``model.add_fusion``): the route
+    is then ``Fuse(*members, fusion=name)`` (or a block holding it), only the fusion trains, and the
+    artifact is ``save_fusion``'s.
     """
     cfg = config or TrainConfig()
     dist = init_distributed(cfg.device)
     try:
-        run = _prepare(model, name, train_data, validation_data, tokenizer, Path(out), cfg, description, dist)
+        run = _prepare(model, name, train_data, validation_data, tokenizer, Path(out), cfg, description, dist,
+                       route)
         if resume:
             _restore(run)
         with _StopFlag() as stop:
@@ -219,15 +237,22 @@ def _prepare(
     cfg: TrainConfig,
     description: str,
     dist: Dist,
+    route: Entry = None,
 ) -> _Run:
     """Device, dtype, trainable parameters, datasets, sampler, optimizer, schedule, seeds, fresh state."""
+    route, fusion = training_route(model, name, route)
+    if cfg.full and route != name:
+        raise ValueError(f"full fine-tuning trains one adapter alone, not under the route {route!r}")
     device = pick_device(cfg.device, dist.local_rank)
     if cfg.batch_size % dist.world:
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {dist.world} processes")
     model.to(device)
     if cfg.dtype is not None:
         model.base.to(DTYPES[cfg.dtype])
-    report = model.train_full(name) if cfg.full else model.train_adapter(name)
+    if cfg.full:
+        report = model.train_full(name)
+    else:  # the other members of the route stay frozen
+        report = model.train_fusion(name) if fusion else model.train_adapter(name)
     if cfg.adapter_drop > model.num_layers:
         raise ValueError(f"adapter_drop is {cfg.adapter_drop}, but the model has {model.num_layers} layers")
 
@@ -248,6 +273,8 @@ def _prepare(
     torch.manual_seed(cfg.seed + dist.rank)
     run_id = {"train_size": len(train_set), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
               "world": dist.world, "full": cfg.full, "lr": cfg.learning_rate, "seed": cfg.seed}
+    if route != name:  # (absent for a plain run, so its checkpoints are as before)
+        run_id["route"] = repr(route)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "skip": 0, "best": None, "best_epoch": 0, "history": [],
                              "epoch_seconds": [], "run": run_id, "loss_sum": 0.0, "loss_count": 0}
     wrapped: torch.nn.Module = model
@@ -265,7 +292,44 @@ def _prepare(
         train_set=train_set, val_set=val_set, sampler=sampler, per_process=per_process,
         steps_per_epoch=steps_per_epoch, optimizer=optimizer, scheduler=scheduler, wrapped=wrapped,
         params=[p for p in model.parameters() if p.requires_grad], state=state, progress=_Progress(cfg, dist),
+        route=route, fusion=fusion,
     )
+
+
+def training_route(model: AdapterModel, name: str, route: Entry = None) -> tuple[str | Block, bool]:
+    """``(route, is_fusion)`` for training ``name``: ``route`` checked (its adapters and fusions loaded,
+    ``name`` in it), or by default ``name`` itself (a fusion's own ``Fuse(*members, fusion=name)``)."""
+    if route is None:
+        if name not in model.adapters and name in model.fusions:
+            return Fuse(*model.fusions[name].members, fusion=name), True
+        model._get(name)  # KeyError naming what is loaded
+        return name, False
+    if isinstance(route, str):
+        if route != name:
+            raise ValueError(f"route {route!r} does not run the adapter being trained, {name!r}")
+        model._get(name)
+        return name, False
+    if not isinstance(route, Block) or isinstance(route, Parallel):
+        raise ValueError(f"route must be an adapter name or a Stack / Average / Fuse block; got {route!r}")
+    check_entry(route, model._get, model._get_fusion)
+    fusion = name in _fusions_in(route)
+    if not fusion and name not in route.leaves():
+        raise ValueError(f"route {route!r} does not hold {name!r}, the adapter (or fusion) being trained")
+    return route, fusion
+
+
+def _fusions_in(entry: Entry) -> list[str]:
+    if not isinstance(entry, Block):
+        return []
+    own = [entry.fusion] if isinstance(entry, Fuse) else []
+    return own + [f for m in entry.members for f in _fusions_in(m)]
+
+
+def stacked_under(route: str | Block, name: str) -> list[str] | None:
+    """The adapters under ``name`` when ``route`` is ``Stack(*under, name)`` of plain names; else None."""
+    if type(route) is Stack and route.members[-1] == name and all(isinstance(m, str) for m in route.members):
+        return list(route.members[:-1])
+    return None
 
 
 def _restore(run: _Run) -> None:
@@ -284,7 +348,7 @@ def _restore(run: _Run) -> None:
         )
     if step_dir is not None:  # else a finished run: nothing to load, nothing left to train
         tensors = load_checkpoint_tensors(step_dir)
-        run.model.adapters[run.name].load_state_dict(tensors["adapter"])
+        run.trainee.load_state_dict(tensors["adapter"])
         if run.cfg.full:
             run.model.base.load_state_dict(tensors["base"], strict=False)
         optimizer_from_files(run.optimizer, tensors["trainer"], saved["optimizer"])
@@ -344,10 +408,10 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> float:
     drop = dropped_layers(run.cfg, run.state["step"])
     with run.amp():
         if drop:  # the route carries the drop; DDP's forward runs in this thread, under it
-            with run.model.route(run.name, drop_below=drop):
+            with run.model.route(run.route, drop_below=drop):
                 loss = run.wrapped(**batch).loss
         else:
-            loss = run.wrapped(**batch, adapter_names=run.name).loss
+            loss = run.wrapped(**batch, adapter_names=run.route).loss
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.cfg.max_grad_norm:
@@ -371,7 +435,7 @@ def _end_of_epoch(run: _Run) -> None:
     state, cfg = run.state, run.cfg
     epoch = state["epoch"] + 1
     with run.amp():
-        scores = evaluate(run.model, run.name, run.val_set, batch_size=cfg.eval_batch_size, device=run.device,
+        scores = evaluate(run.model, run.route, run.val_set, batch_size=cfg.eval_batch_size, device=run.device,
                           _dist=run.dist)
     record = {
         "epoch": epoch,
@@ -408,14 +472,18 @@ def _save_best(run: _Run, record: dict[str, Any]) -> None:
     metrics["epoch"] = record["epoch"]
     if run.cfg.full:  # the base weights are part of a fully fine-tuned task
         save_tensors(run.paths["base"], base_state(run.model))
-    run.model.save_adapter(run.name, run.out, metrics=metrics, description=run.description)
+    if run.fusion:
+        run.model.save_fusion(run.name, run.out, metrics=metrics, description=run.description)
+    else:
+        run.model.save_adapter(run.name, run.out, metrics=metrics, description=run.description,
+                               stacked_on=stacked_under(run.route, run.name))
 
 
 def _finish(run: _Run) -> TrainResult:
     """Every process waits for rank 0's artifact, loads the best weights back, and (unless asked to keep
     it) the checkpoint shrinks to a marker of the finished run."""
     barrier(run.dist)  # rank 0's artifact is complete before anyone reads it
-    restore_best(run.model, run.name, run.out, full=run.cfg.full)
+    restore_best(run.model, run.name, run.out, full=run.cfg.full, fusion=run.fusion)
     if run.dist.main and not run.cfg.keep_checkpoints:
         mark_complete(run.paths["checkpoint"], run.state)
     return TrainResult(
@@ -430,11 +498,16 @@ def _finish(run: _Run) -> TrainResult:
     )
 
 
-def restore_best(model: AdapterModel, name: str, out: str | os.PathLike, *, full: bool = False) -> None:
+def restore_best(model: AdapterModel, name: str, out: str | os.PathLike, *, full: bool = False,
+                 fusion: bool = False) -> None:
     """Put the weights of the artifact ``out`` (and, for full fine-tuning, its base file) back into
-    ``model``'s adapter ``name``."""
+    ``model``'s adapter ``name`` (``fusion``: its fusion ``name``, from a fusion artifact)."""
     paths = run_paths(out)
     device = model.device
+    if fusion:
+        tensors = read_fusion_tensors(paths["artifact"])
+        model.fusions[name].load_state_dict({k: v.to(device) for k, v in tensors.items()})
+        return
     tensors = read_artifact(paths["artifact"]).tensors or {}
     model.adapters[name].load_state_dict({k: v.to(device) for k, v in tensors.items()})
     if full:
