@@ -557,3 +557,81 @@ class SplitAbove:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+@dataclass(eq=False)
+class ChunkedRoute(Route):
+    """Parallel's route: the batch is N contiguous chunks of B rows, chunk m routed by member m's own
+    route (``parts``; None: no adapter), so a member that is one adapter takes the single-adapter path
+    on its slice (no per-row weight gathers). ``rows`` holds each row's head adapter, for the heads."""
+
+    parts: list[Route | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.adapters = list({id(a): a for r in self.parts if r is not None for a in r.adapters}.values())
+
+    def needs_input(self, layer: int, position: str) -> bool:
+        key = ("input", layer, position)
+        if key not in self.cache:
+            self.cache[key] = any(r is not None and r.needs_input(layer, position) for r in self.parts)
+        return self.cache[key]
+
+    def _touches(self, layer: int, position: str) -> bool:
+        key = ("touches", layer, position)
+        if key not in self.cache:
+            self.cache[key] = any(
+                r is not None and (r._touches(layer, position) if isinstance(r, CompositeRoute)
+                                   else any(m is not None for m in r.members((layer, position))))
+                for r in self.parts)
+        return self.cache[key]
+
+    def apply_with(self, layer: int, position: str, out: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor | None:
+        if layer < self.drop_below or not self._touches(layer, position):
+            return None  # (below the first adapted layer the batch has B rows, not N·B)
+        n = out.shape[0]
+        self.check_rows(n)
+        per = n // len(self.parts)
+        if captured is not None:
+            captured = captured.reshape(n, -1, captured.shape[-1])
+        results, in_place, changed = [], True, False
+        for m, route in enumerate(self.parts):
+            part = out[m * per : (m + 1) * per]  # (B, T, d): a view
+            new = None if route is None else route.apply_with(
+                layer, position, part, None if captured is None else captured[m * per : (m + 1) * per])
+            if new is None:
+                results.append(part)
+                continue
+            results.append(new)
+            changed = True
+            # single adapters add into their slice in place when autograd is off
+            in_place = in_place and new.data_ptr() == part.data_ptr() and new.shape == part.shape
+        if not changed:
+            return None
+        if in_place and not torch.is_grad_enabled():
+            return out
+        return torch.cat(results)
+
+    def norm_affine(self, layer: int, index: int, dtype: torch.dtype, device: torch.device):
+        """(N·B, 1, d) per-row (scale, shift), chunk by chunk; None: identity everywhere."""
+        if layer < self.drop_below:
+            return None
+        per = len(self.rows) // len(self.parts)
+        affines = []
+        for route in self.parts:
+            if route is None:
+                affines.append(None)
+            elif route.single is not None:
+                a = route.single.norm(layer, index)
+                affines.append(None if a is None else (a.scale.to(dtype)[None, None].expand(per, 1, -1),
+                                                       a.shift.to(dtype)[None, None].expand(per, 1, -1)))
+            else:
+                affines.append(route.norm_affine(layer, index, dtype, device))
+        live = next((a for a in affines if a is not None), None)
+        if live is None:
+            return None
+        d = live[0].shape[-1]
+        ones = torch.ones(per, 1, d, dtype=dtype, device=device)
+        zeros = torch.zeros(per, 1, d, dtype=dtype, device=device)
+        return (torch.cat([ones if a is None else a[0] for a in affines]),
+                torch.cat([zeros if a is None else a[1] for a in affines]))

@@ -41,6 +41,7 @@ from .attach import Attachment
 from .composition import (
     Average,
     Block,
+    ChunkedRoute,
     CompositeRoute,
     Fuse,
     Parallel,
@@ -750,7 +751,6 @@ class AdapterModel(nn.Module):
         n = len(members)
         leaves = [self._get(name) for m in members if m is not None for name in (m.leaves() if isinstance(m, Block) else [m])]
         split = lowest_adapted_layer(leaves)
-        entries = [m for m in members for _ in range(batch)]  # (N·B,) member-major
         if "use_cache" in inspect.signature(self.base.forward).parameters:
             inputs.setdefault("use_cache", False)  # a cache of layers with two batch sizes helps no one
         if split is None or split == 0:
@@ -762,7 +762,12 @@ class AdapterModel(nn.Module):
         if labels is not None:
             labels = repeat_rows(labels if labels.dim() > 1 else labels[:, None], batch, n).reshape(-1, *labels.shape[1:])
         mask = inputs.get("attention_mask")
-        with splitter, routed(self, self._make_route(entries)):
+        # one route per member over its own contiguous chunk of B rows (single adapters: the fast path)
+        parts = [self._make_route([m] * batch) for m in members]
+        parts = [None if isinstance(r, NoAdapters) or r is None else r for r in parts]
+        heads = [a for r in parts for a in (r.rows if r is not None else [None] * batch)]
+        route = ChunkedRoute(heads, store=self._stacks, parts=parts)
+        with splitter, routed(self, route):
             effective = self._route()
             names = rows_with_heads(effective, batch * n)
             if names is None:
