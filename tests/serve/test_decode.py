@@ -300,3 +300,44 @@ def test_decode_loop_streams_requests_that_arrive_while_others_run(model, tokeni
         assert got == hf_alone(model, r)
     assert max(seen) > 1
     assert sorted(released) == sorted(r.id for r in reqs)
+
+
+def test_a_finished_rows_slot_is_taken_in_place_and_free_slots_are_compacted(model, tokenizer):
+    """A row that finishes frees its cache row; a newcomer takes it in place (the cache keeps its
+    batch size), a prompt wider than the cache pads it on the left, and once a quarter of the slots
+    are free with no newcomer the cache shrinks to the running rows; every row still equals alone."""
+    def req(adapter, text, n):
+        return DecodeRequest(tokenizer(text)["input_ids"], adapter, SamplingOptions(max_tokens=n))
+
+    first = [req("poet", "hi", 2), req("coder", "def f", 9), req(None, "a b", 4), req("chef", "bread", 9),
+             req("coder", "x", 9)]
+    engine = DecodeEngine(model, tokenizer, max_batch_size=5, eos_token_ids=())
+    tokens: dict[int, list[int]] = {}
+
+    def step(newcomers=()):
+        for e in engine.step(list(newcomers)):
+            tokens.setdefault(e.request.id, []).append(e.token_id)
+
+    step(first)  # the poet row has its 2 tokens (prefill, decode): its slot is free, the cache has 5 rows
+    free = [i for i, r in enumerate(engine.slots) if r is None]
+    assert len(free) == 1 and engine.active == 4 and _kv_rows(engine) == 5
+    width = engine.mask.shape[1]
+    wide = req("poet", "the quick brown fox jumps over the lazy dog again and again", 3)
+    assert len(wide.prompt_ids) > width
+    step([wide])  # it takes the free slot in place; its prompt is wider than the cache: padded on the left
+    assert engine.slots[free[0]].request is wide and _kv_rows(engine) == 5
+    assert engine.mask.shape[1] == len(wide.prompt_ids) + 1
+    step()  # the wide row (3 tokens) and the base row (4) are done: 2 of 5 slots free, so the cache
+    assert engine.active == 3 and len(engine.slots) == 3 and _kv_rows(engine) == 3  # shrinks to 3 rows
+    while engine.active:
+        step()
+    assert engine.cache is None
+    for r in [*first, wide]:
+        assert tokens[r.id] == hf_alone(model, r), r.adapter
+
+
+def _kv_rows(engine: DecodeEngine) -> int:
+    from adapterkit.serve.decode import _kv_pairs
+
+    return _kv_pairs(engine.cache)[0][0].shape[0]
+

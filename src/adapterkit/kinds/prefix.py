@@ -23,7 +23,8 @@ Refused, with the reason: encoder-decoders and encoders (no causal KV cache to p
 than the tested llama / mistral / qwen2 / gpt2 rows, ``leave_out`` (one attention mask serves every
 layer, so a layer cannot go without its prefix while the others keep theirs), gradient checkpointing
 in training (transformers drops the KV cache in checkpointed layers), a non-empty cache that did not
-start with this prefix (the server's continuous decoding re-packs caches), a 4-D attention mask.
+start with this prefix (unless ``mark_packed``: the server's continuous decoding re-packs caches and
+masks the prefix columns itself), a 4-D attention mask.
 
 Config: the prefix length P is ``bottleneck_size`` (default 10); ``init_std`` the std of the normal
 init. Shapes: B rows, T new tokens, P_max the longest prefix in the batch, L cached tokens.
@@ -48,6 +49,21 @@ DEFAULT_LENGTH = 10
 # model_type rows whose backbones the prefix hook is tested on (tests/core/test_prefix.py)
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")
 _STATE = "_adapterkit_prefix"  # on a cache this hook filled: (P_max, prefix mask (B, P_max))
+_PACKED = "_adapterkit_prefix_packed"  # on a cache whose owner keeps the prefixes as ordinary entries
+
+
+def prefix_state(cache: Any) -> tuple[int, torch.Tensor] | None:
+    """(P_max, prefix mask (B, P_max)) of a KV cache this kind's hook filled (its first P_max columns
+    are the rows' prefixes); None for any other cache."""
+    return getattr(cache, _STATE, None)
+
+
+def mark_packed(cache: Any) -> None:
+    """Declare that ``cache`` holds its rows' prefixes (if any) as ordinary entries, wherever they are,
+    and that every call gives an attention mask covering them: the hook then leaves the inputs alone.
+    The server's continuous decoding re-packs caches between steps (rows joining and leaving) and
+    keeps the prefix columns in its own mask (``serve/decode.py``)."""
+    setattr(cache, _PACKED, True)
 
 
 class PrefixSite(SiteModule):
@@ -136,6 +152,8 @@ class PrefixSite(SiteModule):
             raise ValueError("prefix tuning needs input_ids or inputs_embeds to size its prefix")
         n, t = x.shape[0], x.shape[1]
         cache = inputs.get(cache_name)
+        if getattr(cache, _PACKED, False):  # prefixes already cached and masked by the caller
+            return None
         state = getattr(cache, _STATE, None)
         if state is None:
             if cache is not None and cache.get_seq_length() > 0:

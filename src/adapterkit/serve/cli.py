@@ -59,7 +59,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at startup)")
-    p.add_argument("--model-kind", choices=("auto", "encoder", "causal-lm"), default="auto")
+    p.add_argument("--model-kind", choices=("auto", "encoder", "causal-lm", "seq2seq-lm"), default="auto")
     p.add_argument("--sites", help="where adapters attach when the site table has no row for the base: 'guess', "
                    "a JSON SiteSpec, or the path of a JSON file holding one")
     p.add_argument("--max-batch-size", type=int, default=32, help="most requests in one forward pass")

@@ -7,17 +7,26 @@ step for every row and returns the tokens as ``TokenEvent``s. ``DecodeLoop`` is 
 queues requests, calls ``step`` in the model thread for as long as any row is running, and hands each
 request its events as an async stream.
 
-The KV cache is a transformers ``DynamicCache`` of the whole batch, ``(B, H, L, D)`` per layer, with a
-2-D attention mask ``(B, L)`` marking each row's real entries. Rows are left-padded: every row's
-newest token sits in the last column, so one decode step appends one column for all rows. A row's
-position ids are its own token count (passed explicitly), so its padding never shifts its rotary
-positions. Joining pads the running cache and the newcomers' on the left to a common length and
-stacks them; leaving selects the surviving rows and drops the leading columns that are padding for
-all of them. That re-pack copies the cache once per change, which ``DynamicCache`` itself does on
-every step (it grows by concatenation), so it costs about one step's cache traffic.
+The KV cache is a transformers ``DynamicCache`` of the whole batch, ``(S, H, L, D)`` per layer, with a
+2-D attention mask ``(S, L)`` marking each row's real entries. Each of the S cache rows is a *slot*:
+a running request's, or free (its request finished). Rows are left-padded: every row's newest token
+sits in the last column, so one decode step appends one column for all slots. A row's position ids
+are its own token count (passed explicitly), so its padding never shifts its rotary positions.
+
+A finished row only frees its slot (its mask row zeroed, routed to no adapter): no copy of the cache.
+A newcomer takes a free slot in place (its prefill cache, left-padded to L, written over the slot's
+row), else the batch grows by concatenation; a prompt wider than L pads the cache on the left first.
+Free slots still ride along in each decode step (a pad token each), so once they are a quarter of
+the batch with none taken, the cache is compacted (one ``index_select``). Leading columns that are
+padding for every slot are dropped by slicing (a view; the next step's concatenation copies anyway).
+In steady state (rows finishing and joining every few steps) the cache is thus copied only by
+``DynamicCache``'s own growth, not once more per change.
 
 A greedy row's tokens equal the same request generated alone: padded entries get zero attention
-weight, and each row's own rotary positions, adapter and sampler are its own.
+weight, and each row's own rotary positions, adapter and sampler are its own. A prefix-tuning row's
+prefix enters the cache at its prefill (``kinds/prefix.py``'s hook fills the empty cache); from then on
+its P columns are ordinary cache entries under the engine's mask (``mark_packed``), re-packed like the
+rest, with positions that count the prompt's tokens only.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..kinds.prefix import mark_packed, prefix_state
 from ..model import AdapterModel
 from ..routing import routed
 from .batcher import QueueFull
@@ -124,6 +134,21 @@ class _Row:
             self.generator = torch.Generator(device=device).manual_seed(seed)
 
 
+def unsupported_reason(model: AdapterModel) -> str | None:
+    """Why continuous decoding cannot serve ``model``'s base, or None when it can.
+
+    An encoder-decoder (T5, BART) would need per-row encoder outputs and cross-attention caches beside
+    the self-attention cache, with the decoder's absolute positions (BART's) kept per row: not built.
+    """
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return (
+            f"continuous decoding serves decoder-only base models; this one ({config.model_type}) is an "
+            "encoder-decoder: use /v1/generate"
+        )
+    return None
+
+
 class DecodeEngine:
     """The decode batch of one model: rows join and leave between steps. Not thread-safe: call it
     from one thread (the server's model thread).
@@ -151,6 +176,9 @@ class DecodeEngine:
     ):
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
         self.model = model
         self.base = model.base
         self.tokenizer = tokenizer
@@ -164,19 +192,25 @@ class DecodeEngine:
         # transformers 5.x names the cache argument ``cache`` (``past_key_values`` is deprecated there)
         params = inspect.signature(self.base.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.rows: list[_Row] = []
+        self.slots: list[_Row | None] = []  # cache row i serves slots[i]; None: a free slot
         self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token
-        self.route: Any = None
+        self.mask: torch.Tensor | None = None  # (S, L) 1 where the cache holds a real token
+        self.route: Any = None  # the slots' route; None: to be rebuilt before the next forward
+        self._freed = False  # slots were freed this step: ``_tidy`` looks at the cache
         self.steps = 0  # decode steps run, for statistics and tests
 
     @property
+    def rows(self) -> list[_Row]:
+        """The running rows, in slot order."""
+        return [r for r in self.slots if r is not None]
+
+    @property
     def active(self) -> int:
-        return len(self.rows)
+        return sum(r is not None for r in self.slots)
 
     @property
     def room(self) -> int:
-        return self.max_batch_size - len(self.rows)
+        return self.max_batch_size - self.active
 
     @property
     def device(self) -> torch.device:
@@ -198,15 +232,16 @@ class DecodeEngine:
         events: list[TokenEvent] = []
         with torch.inference_mode():
             if cancelled:
-                keep = [r for r in self.rows if r.request.id not in cancelled]
+                gone = {id(r) for r in self.slots if r is not None and r.request.id in cancelled}
                 for r in self.rows:
-                    if r.request.id in cancelled:
+                    if id(r) in gone:
                         events.append(TokenEvent(r.request, None, "", "cancelled", len(r.tokens)))
-                self._select(keep)
+                self._free(gone)
             self._admit(newcomers, events)
             # Newcomers decode too: the prefill chose their first token, this step their second.
-            if self.rows:
+            if self.active:
                 self._decode(events)
+            self._tidy()
         return events
 
     # -- prefill -------------------------------------------------------------------------------
@@ -224,9 +259,7 @@ class DecodeEngine:
                 events.extend(TokenEvent(r.request, None, "", "error", 0, e) for r in group)
                 continue
             self._merge(group, cache, mask)
-            done = self._emit(self.rows[-len(group):], logits, events)
-            if done:
-                self._select([r for r in self.rows if id(r) not in done])
+            self._free(self._emit(group, logits, events))
 
     def _prefill(self, rows: list[_Row]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """One forward pass over left-padded prompts: their KV cache, mask (n, W) and last logits (n, V)."""
@@ -250,15 +283,26 @@ class DecodeEngine:
                 **{self.cache_arg: cache},
                 **self.keep_arg,
             )
+        state = prefix_state(cache)
+        if state is not None:
+            # prefix tuning's hook put each row's prefix (P_max columns) before the prompt: from here on
+            # they are ordinary cache entries, masked by the engine's own mask (n, P_max + W)
+            mask = torch.cat([state[1].to(mask.dtype), mask], dim=1)
         return cache, mask, out.logits[:, -1, :].float()  # the cache was filled in place
 
     # -- the decode batch ----------------------------------------------------------------------
 
     def _decode(self, events: list[TokenEvent]) -> None:
+        slots = self.slots
+        # a free slot decodes a pad token at position 0, attending to itself only (finite, ignored)
+        ids = torch.tensor([[self.pad_id if r is None else r.tokens[-1]] for r in slots], dtype=torch.long,
+                           device=self.device)  # (S, 1)
+        positions = torch.tensor([[0 if r is None else r.length - 1] for r in slots], dtype=torch.long,
+                                 device=self.device)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(slots), 1))], dim=1)  # (S, L + 1)
         rows = self.rows
-        ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
-        positions = torch.tensor([[r.length - 1] for r in rows], dtype=torch.long, device=self.device)
-        mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)  # (B, L + 1)
+        if self.route is None:  # slots changed: free ones route to no adapter
+            self.route = self.model._make_route([None if r is None else r.request.adapter for r in slots])
         try:
             with routed(self.model, self.route):
                 out = self.base(
@@ -274,9 +318,11 @@ class DecodeEngine:
             return
         self.steps += 1
         self.mask = mask  # the cache grew by one column in place
-        done = self._emit(rows, out.logits[:, -1, :].float(), events)  # logits (B, V)
-        if done:
-            self._select([r for r in rows if id(r) not in done])
+        logits = out.logits[:, -1, :]  # (S, V)
+        if len(rows) < len(slots):
+            live = [i for i, r in enumerate(slots) if r is not None]
+            logits = logits.index_select(0, torch.tensor(live, device=logits.device))
+        self._free(self._emit(rows, logits.float(), events))  # logits (B, V) of the running rows
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor, events: list[TokenEvent]) -> set[int]:
         """Choose each row's next token from its logits (n, V), record it, and return the ids of the
@@ -326,48 +372,77 @@ class DecodeEngine:
     # -- cache surgery -------------------------------------------------------------------------
 
     def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append ``rows`` (their prefill cache and mask (n, W)) to the running batch."""
+        """Put ``rows`` (their prefill cache and mask (n, W)) into the batch: free slots first, in place."""
         pairs = _kv_pairs(cache)
         # Padded entries hold whatever the model computed for pad tokens: zero them, so that no value
         # there (even a non-finite one) can reach a real row through a zero attention weight.
         pad = (mask == 0)[:, None, :, None]  # (n, 1, W, 1)
         pairs = [(k.masked_fill(pad, 0), v.masked_fill(pad, 0)) for k, v in pairs]
-        if not self.rows:
-            self.rows, self.mask = list(rows), mask
-            self.cache = _make_cache(pairs)
+        if self.cache is None:
+            self.slots, self.mask = list(rows), mask
+            self.cache = _set_pairs(cache, pairs)
         else:
             old = _kv_pairs(self.cache)
-            width = max(self.mask.shape[1], mask.shape[1])
-            merged = [
-                (torch.cat([_left_pad(k0, width, 2), _left_pad(k1, width, 2)]),
-                 torch.cat([_left_pad(v0, width, 2), _left_pad(v1, width, 2)]))
-                for (k0, v0), (k1, v1) in zip(old, pairs, strict=True)
-            ]
-            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
-            self.rows = self.rows + list(rows)
-            self.cache = _make_cache(merged)
-        self.route = self.model._make_route([r.request.adapter for r in self.rows])
+            if mask.shape[1] > self.mask.shape[1]:  # a prompt wider than the cache: pad it on the left
+                width = mask.shape[1]
+                old = [(_left_pad(k, width, 2), _left_pad(v, width, 2)) for k, v in old]
+                self.mask = _left_pad(self.mask, width, 1)
+            width = self.mask.shape[1]
+            pairs = [(_left_pad(k, width, 2), _left_pad(v, width, 2)) for k, v in pairs]  # (n, H, L, D)
+            mask = _left_pad(mask, width, 1)
+            free = [i for i, r in enumerate(self.slots) if r is None][: len(rows)]
+            m = len(free)
+            if m:  # overwrite whole free rows: every column of theirs is the newcomer's (zeros before it)
+                index = torch.tensor(free, device=self.mask.device)
+                for (k0, v0), (k1, v1) in zip(old, pairs, strict=True):
+                    k0.index_copy_(0, index, k1[:m])
+                    v0.index_copy_(0, index, v1[:m])
+                self.mask.index_copy_(0, index, mask[:m])
+                for i, r in zip(free, rows, strict=False):
+                    self.slots[i] = r
+            if m < len(rows):
+                old = [(torch.cat([k0, k1[m:]]), torch.cat([v0, v1[m:]])) for (k0, v0), (k1, v1) in zip(old, pairs, strict=True)]
+                self.mask = torch.cat([self.mask, mask[m:]])
+                self.slots.extend(rows[m:])
+            self.cache = _set_pairs(self.cache, old)
+        self.route = None
 
-    def _select(self, keep: list[_Row]) -> None:
-        """Keep only these rows (in order); drop leading columns that are now padding for all."""
-        if len(keep) == len(self.rows):
+    def _free(self, done: Collection[int]) -> None:
+        """Free the slots of the rows whose ``id`` is in ``done``; their entries are masked from now on."""
+        if not done:
             return
-        if not keep:
+        for i, r in enumerate(self.slots):
+            if r is not None and id(r) in done:
+                self.slots[i] = None
+                self.mask[i] = 0
+        self._freed = True
+        self.route = None
+
+    def _tidy(self) -> None:
+        """After a step that freed slots: reset when none runs; compact when a quarter of the slots are
+        free; drop leading columns that are padding for every slot."""
+        if not self._freed:
+            return
+        self._freed = False
+        live = [i for i, r in enumerate(self.slots) if r is not None]
+        if not live:
             self._reset()
             return
-        where = {id(r): i for i, r in enumerate(self.rows)}
-        index = torch.tensor([where[id(r)] for r in keep], device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        first = int(mask.any(0).nonzero()[0])  # the first column any surviving row uses
-        self.mask = mask[:, first:]
-        self.cache = _make_cache(
-            [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:]) for k, v in _kv_pairs(self.cache)]
-        )
-        self.rows = keep
-        self.route = self.model._make_route([r.request.adapter for r in keep])
+        pairs = _kv_pairs(self.cache)
+        if 4 * (len(self.slots) - len(live)) >= len(self.slots):
+            index = torch.tensor(live, device=self.mask.device)
+            self.mask = self.mask.index_select(0, index)
+            pairs = [(k.index_select(0, index), v.index_select(0, index)) for k, v in pairs]
+            self.slots = [self.slots[i] for i in live]
+            self.route = None
+        first = int(self.mask.any(0).nonzero()[0])  # the first column any slot uses
+        if first:
+            self.mask = self.mask[:, first:]
+            pairs = [(k[:, :, first:], v[:, :, first:]) for k, v in pairs]
+        self.cache = _set_pairs(self.cache, pairs)
 
     def _reset(self) -> None:
-        self.rows, self.cache, self.mask, self.route = [], None, None, None
+        self.slots, self.cache, self.mask, self.route, self._freed = [], None, None, None, False
 
 
 # -- sampling --------------------------------------------------------------------------------------
@@ -418,10 +493,23 @@ def _kv_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))  # transformers < 4.56
 
 
+def _set_pairs(cache: Any, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """``cache`` holding these (keys, values) per layer: its layers' tensors replaced (no copy) where
+    the cache has layer objects (transformers >= 4.56), else a new cache."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and len(layers) == len(pairs) and all(getattr(la, "keys", None) is not None for la in layers):
+        for layer, (k, v) in zip(layers, pairs, strict=True):
+            layer.keys, layer.values = k, v
+        mark_packed(cache)
+        return cache
+    return _make_cache(pairs)
+
+
 def _make_cache(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     cache = DynamicCache()
     for i, (k, v) in enumerate(pairs):
         cache.update(k, v, i)
+    mark_packed(cache)  # prefix adapters' entries are in it already, under the engine's mask
     return cache
 
 

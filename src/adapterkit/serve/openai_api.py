@@ -31,7 +31,15 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .decode import DecodeEngine, DecodeLoop, DecodeRequest, GenerationStream, SamplingOptions, TokenEvent
+from .decode import (
+    DecodeEngine,
+    DecodeLoop,
+    DecodeRequest,
+    GenerationStream,
+    SamplingOptions,
+    TokenEvent,
+    unsupported_reason,
+)
 from .runner import LM_TASKS, InputTooLong
 
 BASE_NAMES = ("base",)
@@ -114,9 +122,11 @@ class ChatRequest(_Options):
 # -- the endpoints ---------------------------------------------------------------------------------
 
 
-def mount_openai_api(app: FastAPI, service: Any, *, policy: str = "continuous") -> DecodeLoop:
+def mount_openai_api(app: FastAPI, service: Any, *, policy: str = "continuous") -> DecodeLoop | None:
     """Add the OpenAI-compatible endpoints to ``app``, served by a DecodeLoop in the service's model
-    thread (started and drained with the app's lifespan). Returns the loop.
+    thread (started and drained with the app's lifespan). Returns the loop; None on a base that
+    continuous decoding cannot serve (an encoder-decoder), whose generation endpoints here then answer
+    422 with the reason (``/v1/generate`` serves it).
 
     ``service`` is the app's ``Service``: its model, runner (tokenizer, limits), adapter cache (pinning)
     and executor (the one model thread).
@@ -126,15 +136,18 @@ def mount_openai_api(app: FastAPI, service: Any, *, policy: str = "continuous") 
     config = service.config
     runner = service.runner
     tokenizer = runner.tokenizer
-    engine = DecodeEngine(
-        service.model,
-        tokenizer,
-        max_batch_size=config.max_batch_size,
-        max_prefill_tokens=config.max_batch_tokens,
-        max_length=runner.max_length,
-        pad_token_id=runner.pad_id,
-    )
-    decode = DecodeLoop(engine, service.executor, max_queue=config.max_queue, policy=policy)
+    refusal = unsupported_reason(service.model) if runner.can_generate else None
+    decode: DecodeLoop | None = None
+    if refusal is None:
+        engine = DecodeEngine(
+            service.model,
+            tokenizer,
+            max_batch_size=config.max_batch_size,
+            max_prefill_tokens=config.max_batch_tokens,
+            max_length=runner.max_length,
+            pad_token_id=runner.pad_id,
+        )
+        decode = DecodeLoop(engine, service.executor, max_queue=config.max_queue, policy=policy)
     base_names = set(BASE_NAMES)
     if config.base:
         base_names.add(Path(config.base).name)
@@ -144,6 +157,9 @@ def mount_openai_api(app: FastAPI, service: Any, *, policy: str = "continuous") 
     @asynccontextmanager
     async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
         async with inner(a) as state:
+            if decode is None:
+                yield state
+                return
             decode.start()
             try:
                 yield state
@@ -151,6 +167,12 @@ def mount_openai_api(app: FastAPI, service: Any, *, policy: str = "continuous") 
                 await decode.stop()  # before the model thread stops: running streams finish
 
     app.router.lifespan_context = lifespan
+
+    def check_decoding() -> None:
+        if not runner.can_generate:
+            raise HTTPProblem(422, "this server's base model is not a decoder: it cannot generate")
+        if refusal is not None:
+            raise HTTPProblem(422, refusal)
 
     def options(body: _Options, default_max: int) -> SamplingOptions:
         max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max, config.max_new_tokens)
@@ -182,8 +204,8 @@ def mount_openai_api(app: FastAPI, service: Any, *, policy: str = "continuous") 
 
     async def start(body: _Options, ids: list[int], sampling: SamplingOptions) -> tuple[GenerationStream, int]:
         """Pin the adapter, queue the request; the loop unpins once the row has left the batch."""
-        if not runner.can_generate:
-            raise HTTPProblem(422, "this server's base model is not a decoder: it cannot generate")
+        check_decoding()
+        assert decode is not None
         ref = None if body.model in base_names else body.model
         entry = await service.pin(ref) if ref is not None else None
         try:
@@ -209,6 +231,7 @@ def mount_openai_api(app: FastAPI, service: Any, *, policy: str = "continuous") 
 
     @app.post("/v1/completions", summary="OpenAI-compatible text completion (continuous batching)")
     async def completions(body: CompletionRequest) -> Any:
+        check_decoding()
         sampling = options(body, 16)  # OpenAI's default max_tokens for completions
         if isinstance(body.prompt, list) and isinstance(body.prompt[0], int):
             vocab = len(tokenizer)
@@ -234,6 +257,7 @@ def mount_openai_api(app: FastAPI, service: Any, *, policy: str = "continuous") 
 
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (continuous batching)")
     async def chat(body: ChatRequest) -> Any:
+        check_decoding()
         if getattr(tokenizer, "chat_template", None) is None:
             raise HTTPProblem(422, "the base model's tokenizer has no chat template: use /v1/completions")
         sampling = options(body, config.max_new_tokens)

@@ -62,20 +62,27 @@ def load_base(
 ) -> tuple[AdapterModel, Any]:
     """Load a base model and its tokenizer from ``path``; wrap the model in an AdapterModel.
 
-    ``kind``: ``"encoder"`` (AutoModel), ``"causal-lm"`` (AutoModelForCausalLM, can generate) or
-    ``"auto"``: causal-lm when the config names a ``...ForCausalLM`` / ``...LMHeadModel`` class.
+    ``kind``: ``"encoder"`` (AutoModel), ``"causal-lm"`` (AutoModelForCausalLM, can generate),
+    ``"seq2seq-lm"`` (AutoModelForSeq2SeqLM: T5, BART with their LM head, can generate) or ``"auto"``:
+    seq2seq-lm when the config is an encoder-decoder, causal-lm when it names a ``...ForCausalLM`` /
+    ``...LMHeadModel`` class, else encoder.
     ``sites``: as for ``AdapterModel`` (``"guess"`` or a ``SiteSpec``), for a base the site table lacks.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
     if kind == "auto":
         archs = getattr(config, "architectures", None) or []
-        kind = "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
-    if kind not in ("encoder", "causal-lm"):
-        raise ValueError(f"model kind must be auto, encoder or causal-lm; got {kind!r}")
-    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    base = auto.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+        if getattr(config, "is_encoder_decoder", False):
+            kind = "seq2seq-lm"  # a bare T5Model / BartModel cannot generate: load the LM head too
+        elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            kind = "causal-lm"
+        else:
+            kind = "encoder"
+    autos = {"encoder": AutoModel, "causal-lm": AutoModelForCausalLM, "seq2seq-lm": AutoModelForSeq2SeqLM}
+    if kind not in autos:
+        raise ValueError(f"model kind must be auto, {', '.join(autos)}; got {kind!r}")
+    base = autos[kind].from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return AdapterModel(base.eval(), sites=sites).eval(), tokenizer
 
@@ -121,13 +128,16 @@ class ModelRunner:
         self.max_batch_tokens = max_batch_tokens
         self.split_overhead = split_overhead
         self.can_generate = bool(getattr(model.base, "can_generate", lambda: False)())
+        # T5, BART: the prompt is the encoder's input, the answer the decoder's whole sequence
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         limit = model_max_length(model, tokenizer)
         self.max_length = min(max_length, limit) if max_length else limit
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         )
-        # Decoders pad on the left so every row's last token is its own (generation, last-token pooling).
-        self.pad_left = self.can_generate
+        # Decoders pad on the left so every row's last token is its own (generation, last-token pooling);
+        # an encoder (an encoder-decoder's too) on the right, so that absolute positions (BART's) start at 0.
+        self.pad_left = self.can_generate and not self.encoder_decoder
         # A BERT tokenizer on a decoder (or any model without segment embeddings) still makes them.
         forward = getattr(model.base.base_model, "forward", None)
         self.uses_type_ids = forward is not None and "token_type_ids" in inspect.signature(forward).parameters
@@ -137,7 +147,18 @@ class ModelRunner:
     def encode(
         self, text: str, pair: str | None = None, *, reserve: int = 0, offsets: bool = False
     ) -> Encoded:
-        """Tokenise one input; over ``max_length - reserve`` tokens it is truncated or InputTooLong."""
+        """Tokenise one input; over ``max_length - reserve`` tokens it is truncated or InputTooLong.
+
+        ``reserve``: room for generated tokens. A decoder's continuation shares the prompt's positions;
+        an encoder-decoder's decoder has its own, so there the prompt keeps all ``max_length`` and
+        ``reserve`` (with the decoder's start token) must fit within ``max_length`` on its own.
+        """
+        if self.encoder_decoder and reserve:
+            if reserve + 1 > self.max_length:
+                raise InputTooLong(
+                    f"no room for {reserve} new tokens: this model's decoder takes at most {self.max_length} tokens"
+                )
+            reserve = 0
         limit = self.max_length - reserve
         if limit < 1:
             raise InputTooLong(
@@ -157,7 +178,8 @@ class ModelRunner:
             raise InputTooLong(
                 f"input is {len(ids)} tokens long; this server's limit is {limit} (it rejects longer inputs)"
             )
-        if self.can_generate and pair is None:  # a prompt: keep its end, which the continuation follows
+        if self.can_generate and not self.encoder_decoder and pair is None:
+            # a decoder's prompt: keep its end, which the continuation follows
             enc = self.tokenizer(text, truncation=False)
             return Encoded(list(enc["input_ids"])[-limit:], None, True)
         enc = self.tokenizer(text, pair, truncation=True, max_length=limit, **kwargs)
@@ -290,7 +312,10 @@ class ModelRunner:
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(**inputs, adapter_names=self._names(rows), **kwargs)
-        new = out[:, inputs["input_ids"].shape[1] :].cpu()
+        # A decoder returns prompt + continuation (B, width + n); an encoder-decoder its decoder's start
+        # token + the answer (B, 1 + n): the whole decoded sequence, nothing of the prompt in it.
+        start = 1 if self.encoder_decoder else inputs["input_ids"].shape[1]
+        new = out[:, start:].cpu()
         results = []
         for row, tokens in zip(rows, new, strict=True):
             ids = tokens.tolist()
