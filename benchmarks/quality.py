@@ -45,12 +45,14 @@ sys.path.insert(0, str(ROOT / "src"))
 from adapterkit.training import DEFAULT_LR  # noqa: E402
 
 TASKS = ("bbc", "spam", "trec", "rt")
-MODES = ("houlsby", "pfeiffer", "lora", "ia3", "full")
+# houlsby_drop2: AdapterDrop, Houlsby without adapters in MiniLM's lowest 2 of 6 layers (the share of
+# the paper's 5 of 12)
+MODES = ("houlsby", "pfeiffer", "lora", "ia3", "full", "houlsby_drop2")
 # Around the defaults: a factor of ~3 either side for adapters, and up to 4x for full fine-tuning. LoRA
 # (r 8 on q, v) and IA3 (scaling vectors) have far fewer parameters, and their papers train them with
 # larger rates, so their sweeps reach above the shared adapter default (3e-3) instead of below it.
 LRS = {"houlsby": (3e-4, 1e-3, 3e-3), "pfeiffer": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2),
-       "ia3": (3e-3, 1e-2, 3e-2), "full": (5e-5, 1e-4, 2e-4)}
+       "ia3": (3e-3, 1e-2, 3e-2), "full": (5e-5, 1e-4, 2e-4), "houlsby_drop2": (3e-4, 1e-3, 3e-3)}
 SETTINGS = {
     # train examples, validation cap, test cap, epochs, max tokens
     "quick": {"train": 500, "validation": 200, "test": 400, "epochs": 3, "max_length": 64},
@@ -86,7 +88,12 @@ def run_one(task: str, mode: str, lr: float, seed: int, setting: dict, threads: 
     model = AdapterModel(AutoModel.from_pretrained(base_dir))
     full = mode == "full"
     # exactly what `adapterkit train` builds (training/from_files.py)
-    adapter = AdapterConfig(leave_out=list(range(model.num_layers)), train_layer_norms=False) if full else AdapterConfig(kind=mode)
+    if full:
+        adapter = AdapterConfig(leave_out=list(range(model.num_layers)), train_layer_norms=False)
+    elif mode == "houlsby_drop2":
+        adapter = AdapterConfig(kind="houlsby", leave_out=[0, 1])
+    else:
+        adapter = AdapterConfig(kind=mode)
     torch.manual_seed(seed)
     model.add_adapter(task, adapter, head=train.task_type, labels=train.labels)
     config = TrainConfig(epochs=setting["epochs"], lr=lr, full=full, seed=seed, max_length=setting["max_length"],
