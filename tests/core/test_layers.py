@@ -10,7 +10,7 @@ import adapterkit
 
 # docs/architecture.md's package graph, bottom first; a module may import only modules before it.
 ORDER = ["atomic_io", "sites", "site_check", "stacks", "heads", "kinds", "tasks", "config", "task_adapter",
-         "routing", "composition", "artifact", "attach", "model"]
+         "routing", "composition", "artifact", "fusion", "attach", "model"]
 SRC = pathlib.Path(adapterkit.__file__).parent
 
 
