@@ -207,9 +207,10 @@ class Contenders:
 # ---------------------------------------------------------------------------------------------
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> Timings:
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter) -> Timings:
     """Seconds per call of each variant, one sample per round, in rotating interleaved order after
-    one untimed warm-up each (caches, allocator, oneDNN primitives)."""
+    one untimed warm-up each (caches, allocator, oneDNN primitives). ``clock``: wall time, or
+    ``time.process_time`` (this process's CPU seconds: steadier on a machine other jobs share)."""
     names = list(variants)
     with torch.inference_mode():
         for name in names:
@@ -218,9 +219,9 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> Timin
         for r in range(rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                t = time.perf_counter()
+                t = clock()
                 variants[name]()
-                times[name].append(time.perf_counter() - t)
+                times[name].append(clock() - t)
     return times
 
 

@@ -13,6 +13,10 @@ Run in .venv-compare (scripts/setup-compare.sh): ``.venv-compare/bin/python benc
 
 Ratios are medians of per-round ratios with the variants interleaved (the machine is shared), with
 their spread (max - min). ``--quick``: fewer rounds and shorter sequences (see ``--tokens``).
+``--clock cpu`` times this process's CPU seconds instead of wall time: on a machine other jobs load,
+waiting for a core then counts for nothing (use it with ``--threads 1``, so that no thread spins).
+
+Needs peft, and ``adapters`` (``compare.py`` imports it): ``.venv-tf4`` has both.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import copy
 import json
 import pathlib
 import sys
+import time
 
 import peft
 import torch
@@ -63,7 +68,7 @@ def build(which: str, tasks: int):
     return bare, ak, pf, pf_ia3, names, list(mixed_kinds)
 
 
-def run(which: str, rounds: int, tokens: int) -> dict[str, float]:
+def run(which: str, rounds: int, tokens: int, clock=time.perf_counter) -> dict[str, float]:
     bare, ak, pf, pf_ia3, names, kinds = build(which, 64)
     out: dict[str, float] = {}
 
@@ -78,7 +83,7 @@ def run(which: str, rounds: int, tokens: int) -> dict[str, float]:
         "lora_peft": lambda: hidden(pf, ids),
         "ia3_adapterkit": lambda: hidden(ak, ids, adapter_names="ia3"),
         "ia3_peft": lambda: hidden(pf_ia3, ids),
-    }, rounds)
+    }, rounds, clock)
     out[f"{which}_base_latency_ms"] = 1000 * median(t["base"])
     for key in ("lora_adapterkit", "lora_peft", "ia3_adapterkit", "ia3_peft"):
         kind, lib = key.split("_")
@@ -96,7 +101,7 @@ def run(which: str, rounds: int, tokens: int) -> dict[str, float]:
         "mixed64_pf": lambda: hidden(pf, ids, adapter_names=each),
         "houlsby": lambda: hidden(ak, ids, adapter_names="h16"),
         "kinds": lambda: hidden(ak, ids, adapter_names=kinds64),
-    }, rounds)
+    }, rounds, clock)
     for lib, short in (("adapterkit", "ak"), ("peft", "pf")):
         r, s = ratio_stats(t[f"single_{short}"], t[f"mixed64_{short}"])
         out[f"{which}_lora_mixed64_ratio_{lib}"], out[f"{which}_lora_mixed64_ratio_spread_{lib}"] = r, s
@@ -106,7 +111,7 @@ def run(which: str, rounds: int, tokens: int) -> dict[str, float]:
         "mixed_ak": lambda: hidden(ak, ids256, adapter_names=by8),
         "single_pf": lambda: hidden(pf, ids256),
         "mixed_pf": lambda: hidden(pf, ids256, adapter_names=by8),
-    }, max(3, rounds // 2))
+    }, max(3, rounds // 2), clock)
     for lib, short in (("adapterkit", "ak"), ("peft", "pf")):
         r, s = ratio_stats(t[f"single_{short}"], t[f"mixed_{short}"])
         out[f"{which}_lora_mixed8x32_ratio_{lib}"], out[f"{which}_lora_mixed8x32_ratio_spread_{lib}"] = r, s
@@ -126,15 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int)
     p.add_argument("--tokens", type=int)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or this process's CPU time")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = (args.models or ("minilm" if args.quick else "minilm,bertbase")).split(",")
     rounds = args.rounds or (7 if args.quick else 15)
     tokens = args.tokens or (32 if args.quick else 128)
-    results: dict[str, float] = {"rounds": rounds, "tokens": tokens, "threads": args.threads}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    results: dict[str, float] = {"rounds": rounds, "tokens": tokens, "threads": args.threads, "clock": args.clock}
     for which in models:
-        results.update(run(which, rounds, tokens))
+        results.update(run(which, rounds, tokens, clock))
     width = max(len(k) for k in results)
     for k, v in results.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")

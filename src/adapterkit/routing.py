@@ -19,9 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .kinds.interface import POSITIONS as _POSITIONS
 from .stacks import StackStore
 from .task_adapter import TaskAdapter
 from .tasks import TASKS
+
+# Mixed batches, per site: a module class whose rows are at least this share of the batch runs over
+# the whole batch (rows of other classes get zero weights: no copies); smaller classes run on their own
+# rows only. Within such a class, at most SPLIT_ADAPTERS adapters with SPLIT_ROWS rows each on average
+# run one by one with their own weights (no gathered weights); more share one gathered pass.
+WHOLE_BATCH_SHARE = 0.75
+SPLIT_ADAPTERS = 8
+SPLIT_ROWS = 2
 
 
 @dataclass(eq=False)
@@ -138,24 +147,106 @@ class Route:
         plans = self._site_plans(layer, position)
         if not plans:
             return None
-        for maths, plan in plans:
-            out = maths.apply_mixed(self, layer, position, plan, out, captured)
-        return out
+        if len(plans) == 1 and plans[0][0] is None:  # one pass over the whole batch
+            _, maths, plan = plans[0]
+            return maths.apply_mixed(self, layer, position, plan, out, captured)
+        return self._apply_plans(plans, layer, position, out, captured)
 
-    def _site_plans(self, layer: int, position: str) -> list[tuple[type, Any]]:
-        """One (module class, its mixed plan) per class of module at this site, once per route."""
+    def _apply_plans(self, plans: list, layer: int, position: str, out: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor | None:
+        """Several passes at one site (``_site_plans``), each on the whole batch or on its own rows."""
+        n = out.shape[0]
+        rep = self.check_rows(n)
+        grad = torch.is_grad_enabled()
+        # in place only into the hooked module's fresh output, never into an input another module
+        # holds (a position acting on a module's input), until ``out`` is a tensor of our own
+        own = not grad and _POSITIONS[position].acts_on == "output"
+        if captured is not None:
+            captured = captured.reshape(n, -1, captured.shape[-1])  # rows lead, flat or not
+        changed = False
+        for rows, maths, plan in plans:
+            if rows is None:  # the whole batch (sorted first); rows of the other passes see zero weights
+                new = maths.apply_mixed(self, layer, position, plan, out, captured)
+                if new is not None:
+                    own = own or (not grad and new.untyped_storage().data_ptr() != out.untyped_storage().data_ptr())
+                    out, changed = new, True
+                continue
+            index = self._row_index(rows, rep, out.device)
+            sub_out = out.index_select(0, index)  # (b, ...): this pass's rows
+            if isinstance(plan, tuple):  # several adapters: a sub-route of these rows, its whole-batch plan
+                sub, sub_plan = plan
+                sub_in = captured.index_select(0, index) if captured is not None and sub.needs_input(layer, position) else None
+                new = maths.apply_mixed(sub, layer, position, sub_plan, sub_out, sub_in)
+            elif plan.feed == "input":  # one adapter: its own weights, nothing gathered
+                new = plan.apply_single(sub_out, None if captured is None else captured.index_select(0, index))
+            else:
+                new = plan.apply_single(sub_out, sub_out)
+            if new is None:
+                continue
+            new = new.reshape(sub_out.shape)
+            out = out.index_copy_(0, index, new) if own else out.index_copy(0, index, new)
+            changed, own = True, not grad
+        return out if changed else None
+
+    def _row_index(self, rows: tuple[int, ...], rep: int, device: torch.device) -> torch.Tensor:
+        """(len(rows) * rep,) batch indices of some route rows, each repeated ``rep`` times in a row."""
+        key = ("rows", rows, rep, device)
+        index = self.cache.get(key)
+        if index is None:
+            index = self.cache[key] = torch.tensor([i * rep + j for i in rows for j in range(rep)], device=device)
+        return index
+
+    def _site_plans(self, layer: int, position: str) -> list[tuple[tuple[int, ...] | None, type, Any]]:
+        """How this site runs in a mixed batch, once per route: (rows, module class, plan) per pass.
+
+        ``rows`` None: one ``apply_mixed`` over the whole batch, ``plan`` the class's mixed plan (rows
+        of other classes see zero weights). A class covering most of the batch runs so (no copies);
+        the others run on their own rows only (copied out, then back), so that a batch mixing kinds
+        pays for each row about once, not once per class. ``plan`` is then the one adapter's module
+        (``apply_single`` on its rows), or, for several adapters, (sub-route of the rows, its plan)."""
         key = ("plan", layer, position)
         plans = self.cache.get(key)
         if plans is None:
-            members = self.members((layer, position))
-            classes = list(dict.fromkeys(type(m) for m in members if m is not None))
-            plans = []
-            for cls in classes:
-                own = members if len(classes) == 1 else [m if type(m) is cls else None for m in members]
+            plans = self.cache[key] = self._plan_site(layer, position)
+        return plans
+
+    def _plan_site(self, layer: int, position: str) -> list[tuple[tuple[int, ...] | None, type, Any]]:
+        members = self.members((layer, position))
+        classes = {type(m) for m in members if m is not None}
+        if len(classes) == 1 and None not in members and 0 not in self.slots:  # one class on every row
+            cls = classes.pop()
+            plan = cls.mixed_plan(members, self.slots)
+            return [] if plan is None else [(None, cls, plan)]
+        by_class: dict[type, list[int]] = {}  # class -> the route rows whose module here is of it
+        for i, s in enumerate(self.slots):
+            m = members[s - 1] if s else None
+            if m is not None:
+                by_class.setdefault(type(m), []).append(i)
+        if not by_class:
+            return []
+        # a position acting on a module's input must return a tensor of its own (never write into that
+        # input): the widest class's pass over the whole batch makes one, cheaper than a copy of it
+        widest = max(by_class, key=lambda c: len(by_class[c])) if _POSITIONS[position].acts_on != "output" else None
+        plans: list[tuple[tuple[int, ...] | None, type, Any]] = []
+        for cls, rows in by_class.items():
+            if cls is widest or len(rows) >= WHOLE_BATCH_SHARE * len(self.rows):
+                own = members if len(by_class) == 1 else [m if type(m) is cls else None for m in members]
                 plan = cls.mixed_plan(own, self.slots)
                 if plan is not None:
-                    plans.append((cls, plan))
-            self.cache[key] = plans
+                    plans.append((None, cls, plan))
+                continue
+            by_adapter: dict[int, list[int]] = {}  # slot -> its rows
+            for i in rows:
+                by_adapter.setdefault(self.slots[i], []).append(i)
+            k = len(by_adapter)
+            if k == 1 or (k <= SPLIT_ADAPTERS and len(rows) >= SPLIT_ROWS * k):
+                # few adapters, several rows each: each on its own rows with its own weights
+                plans.extend((tuple(r), cls, members[slot - 1]) for slot, r in by_adapter.items())
+                continue
+            sub = Route([self.rows[i] for i in rows], store=self.store, repeats_rows=self.repeats_rows)
+            plan = cls.mixed_plan(sub.members((layer, position)), sub.slots)
+            if plan is not None:
+                plans.append((tuple(rows), cls, (sub, plan)))
+        plans.sort(key=lambda p: p[0] is not None)  # whole-batch passes first: they may add in place
         return plans
 
     # -- norms -----------------------------------------------------------------------------------

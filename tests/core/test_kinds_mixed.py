@@ -27,9 +27,9 @@ ROWS = ["lora8", "houlsby", None, "ia3", "lora64", "lora2"]
 REPRESENTATIVE = ["bert", "gpt2", "llama", "t5", "bart"]
 
 
-def _build(model_type: str, seed: int = 0) -> AdapterModel:
+def _build(model_type: str, seed: int = 0, configs: dict | None = None) -> AdapterModel:
     model = AdapterModel(tiny_model(model_type, seed=seed))
-    for name, config in CONFIGS.items():
+    for name, config in (configs or CONFIGS).items():
         model.add_adapter(name, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # far from the identity (LoRA's B starts at zero), so mistakes show

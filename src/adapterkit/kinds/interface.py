@@ -10,8 +10,10 @@ A *kind* (``AdapterKind``) names its positions, what feeds each (``"output"`` or
 ``SiteModule`` class it builds there, and its defaults. The ``SiteModule`` class carries the maths:
 ``apply_single`` (one adapter for the whole batch, its own parameters) and the classmethods
 ``mixed_plan`` / ``apply_mixed`` (per-row weights in a mixed batch). Rows of every kind whose modules
-share a class go through one ``apply_mixed`` call; rows of other classes at that site see zero weights
-there, and each class's pass runs in turn. Routing (``routing.py``) knows nothing else about kinds.
+share a class go through one ``apply_mixed`` call, over the whole batch (rows of other classes at that
+site see zero weights there) or, where other classes hold many rows, over a route of this class's rows
+alone; one adapter's rows may instead go through its ``apply_single``. Routing (``routing.py``) knows
+nothing else about kinds.
 """
 
 from __future__ import annotations

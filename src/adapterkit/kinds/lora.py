@@ -6,7 +6,7 @@ kaiming-uniform (as the paper's code and PEFT), B at zero: a new adapter is exac
 
 Hooks, no copied model code: a pre-hook captures the projection's input ``x``, a forward hook adds the
 update to its output. One adapter for the batch: ``x @ A^T`` then one matmul-accumulate into the
-output (``addmm_``). A mixed batch gathers each row's (A^T, s B^T), ranks zero-padded to the widest
+output (``addmm_``). A mixed batch gathers each row's (A, s B^T), ranks zero-padded to the widest
 (exact: padded units have zero weights in and out; rows without a LoRA get zeros), and runs ``bmm`` +
 ``baddbmm_``. ``AdapterModel.merge_adapter`` folds ``s B A`` into the weights for single-task serving.
 
@@ -100,6 +100,13 @@ class LoraSite(SiteModule):
             self.__dict__["_packed"] = (key, (a_t, b_t))
         return a_t, b_t
 
+    def mixed_pack(self, dtype: torch.dtype, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (width, n_in) and s B^T (width, n_out), the rank zero-padded to ``width``: one row's
+        weights in a mixed batch's stacks (copied in once; under autograd, in the call's graph)."""
+        A, B = self.params
+        pad = width - A.shape[0]
+        return F.pad(A.to(dtype), (0, 0, 0, pad)), F.pad((B.t() * self.scale).to(dtype), (0, 0, 0, pad))
+
     def apply_single(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
         """``out + s * dropout(z) A^T B^T`` for every row: (..., n_out) from z (..., n_in)."""
         if self.merged or z is None:
@@ -134,24 +141,27 @@ class LoraSite(SiteModule):
         dtype, device = out.dtype, out.device
 
         def zeros():
-            return torch.zeros(n_in, r, dtype=dtype, device=device), torch.zeros(r, n_out, dtype=dtype, device=device)
+            return torch.zeros(r, n_in, dtype=dtype, device=device), torch.zeros(r, n_out, dtype=dtype, device=device)
 
-        # A^T (B, n_in, r), s B^T (B, r, n_out); r zero-padded; zeros for rows without a LoRA here
-        a_t, b_t = route.gather(("lora", layer, position, r), members, dtype, device, zeros,
-                                lambda m: m.packed(dtype, r, keep=False))
+        # A (B, r, n_in), s B^T (B, r, n_out); r zero-padded; zeros for rows without a LoRA here
+        a, b_t = route.gather(("lora", layer, position, r), members, dtype, device, zeros,
+                              lambda m: m.mixed_pack(dtype, r))
         n = out.shape[0]
         rep = route.check_rows(n)
         if rep > 1:  # generate() repeats each row for beams / return sequences
-            a_t, b_t = route.expand(a_t, n), route.expand(b_t, n)
+            a, b_t = route.expand(a, n), route.expand(b_t, n)
         x = captured.reshape(n, -1, n_in).to(dtype)  # (B, T, n_in)
         dropout = [m.dropout if m is not None and m.training else 0.0 for m in row_modules]
         if any(dropout):  # per-row dropout of the LoRA input (rows of p = 0 are kept exactly)
             keep = torch.tensor([1.0 - p for p in dropout for _ in range(rep)], dtype=dtype, device=device)[:, None, None]
             x = x * torch.bernoulli(keep.expand_as(x)) / keep
-        h = torch.bmm(x, a_t)  # (B, T, r)
         y = out.reshape(n, -1, n_out)  # (B, T, n_out)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # x @ A^T, as the single path: gradients sum in the same order
+            h = torch.bmm(x, a.transpose(1, 2))  # (B, T, r)
             return torch.baddbmm(y, h, b_t).reshape(out.shape)
+        # h^T = A x^T (B, r, T): with r small, a few times faster on CPU than x @ A^T (the GEMM's
+        # wide side is then T, not r); the up-projection reads h as its transposed view
+        h = torch.bmm(a, x.transpose(1, 2)).transpose(1, 2)  # (B, T, r)
         return y.baddbmm_(h, b_t).reshape(out.shape)
 
 
