@@ -290,6 +290,12 @@ def evaluate_lm(
     if dist is not None and world > 1:
         torch.distributed.all_reduce(sums)
     model.train(was_training)
+    return lm_scores(sums, short)
+
+
+def lm_scores(sums: torch.Tensor, short: bool) -> dict[str, float]:
+    """Scores from summed (response NLL, response tokens, token hits, exact hits, rows): loss,
+    perplexity, token accuracy and, for tasks with short answers, exact match (then ``accuracy``)."""
     nll, tokens, token_hits, hits, rows = sums.tolist()
     out = {
         "loss": nll / max(tokens, 1),

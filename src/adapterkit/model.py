@@ -219,17 +219,7 @@ class AdapterModel(nn.Module):
         if bad:
             raise ValueError(f"leave_out has layer indices {bad}, but this model has {self.num_layers} layers (0..{self.num_layers - 1})")
         factory = self._factory(dtype)
-        task = TASKS.get(task_type) if isinstance(task_type, str) else None
-        if task is None:
-            raise ValueError(f"unknown head {task_type!r}; expected one of {', '.join(HEAD_TYPES + HEADLESS_TYPES)} or None")
-        head, head_spec = None, None
-        if task.head is not None:
-            if not labels:
-                raise ValueError(f"a {task_type} task needs its label names (labels=[...])")
-            if len(set(labels)) != len(labels):
-                raise ValueError(f"label names must be distinct; got {labels}")
-            head_spec = {"type": task_type, "num_labels": len(labels), "dropout": head_dropout}
-            head = task.build_head(head_spec, self.hidden_size, self.sites.pooling).to(**factory)
+        head, head_spec = self._new_head(task_type, labels, head_dropout, factory)
         positions = config.sites
         adapter = TaskAdapter(
             config,
@@ -243,6 +233,21 @@ class AdapterModel(nn.Module):
         )
         self._attach_hooks(positions)
         return adapter
+
+    def _new_head(self, task_type: str, labels: list[str], head_dropout: float,
+                  factory: dict[str, Any]) -> tuple[nn.Module | None, dict[str, Any] | None]:
+        """A task type's head and its JSON spec (None, None for a task without a head of its own)."""
+        task = TASKS.get(task_type) if isinstance(task_type, str) else None
+        if task is None:
+            raise ValueError(f"unknown head {task_type!r}; expected one of {', '.join(HEAD_TYPES + HEADLESS_TYPES)} or None")
+        if task.head is None:
+            return None, None
+        if not labels:
+            raise ValueError(f"a {task_type} task needs its label names (labels=[...])")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"label names must be distinct; got {labels}")
+        head_spec = {"type": task_type, "num_labels": len(labels), "dropout": head_dropout}
+        return task.build_head(head_spec, self.hidden_size, self.sites.pooling).to(**factory), head_spec
 
     def _all_site_dims(self) -> list[dict[str, tuple[int, int]]]:
         """Per layer: every position this architecture has -> (in, out) of its projection."""
@@ -613,17 +618,7 @@ class AdapterModel(nn.Module):
 
     def _new_fusion(self, names: list[str], adapters: list[TaskAdapter], task_type: str, labels: list[str],
                     head_dropout: float, temperature: float, factory: dict[str, Any]) -> AdapterFusion:
-        task = TASKS.get(task_type) if isinstance(task_type, str) else None
-        if task is None:
-            raise ValueError(f"unknown head {task_type!r}; expected one of {', '.join(HEAD_TYPES + HEADLESS_TYPES)} or None")
-        head, head_spec = None, None
-        if task.head is not None:
-            if not labels:
-                raise ValueError(f"a {task_type} task needs its label names (labels=[...])")
-            if len(set(labels)) != len(labels):
-                raise ValueError(f"label names must be distinct; got {labels}")
-            head_spec = {"type": task_type, "num_labels": len(labels), "dropout": head_dropout}
-            head = task.build_head(head_spec, self.hidden_size, self.sites.pooling).to(**factory)
+        head, head_spec = self._new_head(task_type, labels, head_dropout, factory)
         return AdapterFusion(
             names, self._fusion_sites(names, adapters), self.num_layers,
             member_sites={n: frozenset(site_keys(a)) for n, a in zip(names, adapters)},

@@ -14,12 +14,12 @@ off); always by perplexity on the response tokens. ``causal_lm.generate_answers`
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .causal_lm import lm_scores
 from .data import DataError, Example
 
 TASK_TYPE = "seq2seq"
@@ -91,16 +91,7 @@ def evaluate_seq2seq(
     if dist is not None and world > 1:
         torch.distributed.all_reduce(sums)
     model.train(was_training)
-    nll, tokens, token_hits, hits, rows = sums.tolist()
-    out = {
-        "loss": nll / max(tokens, 1),
-        "perplexity": math.exp(nll / tokens) if tokens else float("nan"),
-        "token_accuracy": token_hits / max(tokens, 1),
-    }
-    if short:
-        out["exact_match"] = hits / max(rows, 1)
-    out["accuracy"] = out.get("exact_match", out["token_accuracy"])
-    return out
+    return lm_scores(sums, short)
 
 
 def _answer(item: dict[str, list[int]]) -> list[int]:
