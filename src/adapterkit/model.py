@@ -454,13 +454,7 @@ class AdapterModel(nn.Module):
     def train_adapter(self, name: str) -> ParameterReport:
         """Freeze everything, then unfreeze exactly adapter ``name``: its bottlenecks, its norm affines
         (when its config trains layer norms) and its head. Makes it the active adapter."""
-        adapter = self._get(name)
-        for p in self.parameters():
-            p.requires_grad_(False)
-        for p in adapter.parameters():
-            p.requires_grad_(True)
-        self.set_active_adapter(name)
-        return self.trainable_parameters()
+        return self._train_only(self._get(name), name)
 
     def train_full(self, name: str) -> ParameterReport:
         """Full fine-tuning, for honest comparisons: every base parameter trains, plus task ``name``
@@ -507,11 +501,15 @@ class AdapterModel(nn.Module):
         fusion = self._get_fusion(name)
         block = Fuse(*fusion.members, fusion=name)
         check_entry(block, self._get, self._get_fusion)  # its members are still loaded, as they were
+        return self._train_only(fusion, block)
+
+    def _train_only(self, module: nn.Module, route: str | Block) -> ParameterReport:
+        """Freeze everything but ``module``'s parameters; ``route`` becomes the active adapter."""
         for p in self.parameters():
             p.requires_grad_(False)
-        for p in fusion.parameters():
+        for p in module.parameters():
             p.requires_grad_(True)
-        self.set_active_adapter(block)
+        self.set_active_adapter(route)
         return self.trainable_parameters()
 
     def delete_fusion(self, name: str) -> None:
