@@ -39,6 +39,9 @@ class AdapterConfig:
             up, gate, down (FFN) for LoRA (default q, v); k, v, ff (the FFN's inner activation) for
             IA3 (default all three).
         rslora: rank-stabilised LoRA (Kalajdzievski 2023): scale alpha / sqrt(r) instead of alpha / r.
+        dora: DoRA (Liu et al. 2024, PEFT's ``use_dora``): the LoRA-updated weight's direction times
+            a learned magnitude per output feature (starts at ``||W||``: still the identity). Only
+            for ``lora``.
 
     For ``lora`` the rank r is ``bottleneck_size`` (default 8); ``dropout`` drops the LoRA input.
     """
@@ -55,6 +58,7 @@ class AdapterConfig:
     alpha: float | None = None
     targets: list[str] | None = None
     rslora: bool = False
+    dora: bool = False
 
     def __post_init__(self) -> None:
         kind = get_kind(self.kind)
@@ -62,6 +66,8 @@ class AdapterConfig:
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if isinstance(self.targets, tuple | set | frozenset):
             self.targets = list(self.targets)
+        if self.dora is not False and self.kind != "lora":
+            raise ValueError(f"dora is a LoRA option (kind 'lora'); kind {self.kind!r} does not take it")
         if kind.prepare is not None:
             kind.prepare(self)
         elif self.alpha is not None or self.targets is not None or self.rslora:
@@ -132,7 +138,7 @@ class AdapterConfig:
         """As a JSON-able dict. Options a kind does not use are left out when unset, so a bottleneck
         adapter's metadata is what it was before LoRA existed."""
         data = asdict(self)
-        for key, unset in (("alpha", None), ("targets", None), ("rslora", False)):
+        for key, unset in (("alpha", None), ("targets", None), ("rslora", False), ("dora", False)):
             if data[key] == unset:
                 del data[key]
         return data

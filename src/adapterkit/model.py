@@ -231,6 +231,11 @@ class AdapterModel(nn.Module):
             dims_per_layer=self._site_dims(config.kind, positions) if config.kind_spec.sized_by_site else None,
             **factory,
         )
+        for (layer, position), module in adapter._lookup().items():
+            bind = getattr(module, "bind_projection", None)  # DoRA reads the projection's weight
+            if bind is not None and isinstance(position, str):
+                ls, role = self.layer_sites[layer], POSITIONS[position].output
+                bind(getattr(ls, role), ls.slices.get(role))
         self._attach_hooks(positions)
         return adapter
 

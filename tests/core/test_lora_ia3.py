@@ -86,9 +86,11 @@ def test_lora_maths_at_a_projection(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "bart"])
-@pytest.mark.parametrize("kind", ["lora", "ia3"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
 def test_merge_and_unmerge(model_type, kind):
-    config = AdapterConfig("lora", bottleneck_size=4, targets=["q", "k", "v", "o", "up", "down"]) if kind == "lora" else AdapterConfig("ia3")
+    """dora: W <- g (W + s B A), the bias outside the direction and unchanged."""
+    lora = dict(bottleneck_size=4, targets=["q", "k", "v", "o", "up", "down"])
+    config = AdapterConfig("ia3") if kind == "ia3" else AdapterConfig("lora", dora=kind == "dora", **lora)
     model = AdapterModel(tiny_model(model_type))
     model.add_adapter("a", config)
     model.add_adapter("h", AdapterConfig("houlsby"))
@@ -103,6 +105,8 @@ def test_merge_and_unmerge(model_type, kind):
         assert any(not torch.equal(before[k], v) for k, v in model.base.state_dict().items())
         merged = _hidden(model, inputs, "a")
         assert (merged - unmerged).abs().max() <= 1e-5
+        if kind == "dora":
+            assert all(torch.equal(before[k], v) for k, v in model.base.state_dict().items() if k.endswith("bias"))
         assert torch.equal(_hidden(model, inputs, None), merged)  # the default route is the merged adapter
         with pytest.raises(ValueError, match="merged into the base weights"):
             model(**inputs, adapter_names=["a", "h"] + ["a"] * (inputs["input_ids"].shape[0] - 2))

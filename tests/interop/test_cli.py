@@ -209,13 +209,13 @@ def _bad_folders(tmp_path, peft_lora):
     prefix.mkdir()
     (prefix / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}')
     save_file({"prompt_embeddings": torch.zeros(4, 32)}, str(prefix / "adapter_model.safetensors"))
-    dora = tmp_path / "dora"
+    dora = tmp_path / "dora"  # use_dora claimed, but no magnitude tensors in the weights
     shutil.copytree(peft_lora[0], dora)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     return {"missing": (tmp_path / "nope", "no such folder"), "file": (tmp_path / "file.json", "not a folder"),
             "unknown": (other, "not a PEFT or adapters-library folder"), "prefix": (prefix, "PREFIX_TUNING"),
-            "dora": (dora, "use_dora")}
+            "dora": (dora, "lora_magnitude_vector")}
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "unknown", "prefix", "dora"])

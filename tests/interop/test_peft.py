@@ -15,7 +15,7 @@ import pytest
 import torch
 from tinymodels import TINY, tiny_inputs, tiny_model
 
-from adapterkit import AdapterModel
+from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.interop import InteropError, export, read_foreign
 
 peft = pytest.importorskip("peft")
@@ -34,7 +34,9 @@ def _randomize(peft_model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
+            if "lora_magnitude_vector" in name:  # DoRA's magnitude: near ||W||, its start, but not at it
+                p.mul_(1 + torch.randn(p.shape, generator=g) * 0.3)
+            elif "lora_" in name or "modules_to_save" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             elif "ia3_l" in name:
                 p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
@@ -178,7 +180,66 @@ def test_minilm_lora_classifier(tmp_path, minilm_path):
                inputs, fresh_for_peft=with_head)
 
 
-@pytest.mark.parametrize("option,value", [("use_dora", True), ("bias", "all")])
+DORA_CASES = {
+    "bert": dict(target_modules=["query", "value", "intermediate.dense"], r=4, lora_alpha=8, use_rslora=True),
+    "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=16,
+                  rank_pattern={"layers.0.self_attn.q_proj": 2}),
+    # GPT-2's fused Conv1D c_attn: DoRA's norm is per output feature, so each third maps on its own
+    "gpt2": dict(target_modules=["c_attn", "mlp.c_proj"], r=3, lora_alpha=6),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(DORA_CASES))
+def test_dora_roundtrip(tmp_path, model_type):
+    """PEFT's ``use_dora``: lora_A, lora_B and the magnitude per output feature, both ways."""
+    inputs = tiny_inputs(model_type)
+    model = _roundtrip(tmp_path, tiny_model(model_type), tiny_model(model_type),
+                       LoraConfig(init_lora_weights=False, use_dora=True, **DORA_CASES[model_type]),
+                       inputs, fresh_for_peft=lambda: tiny_model(model_type))
+    assert model._get("imported").config.dora is True
+
+
+def test_native_dora_on_part_of_a_fused_projection_exports_to_peft(tmp_path):
+    """An adapterkit DoRA on GPT-2's q and v only: the exported c_attn carries the k third's identity
+    (B zero, magnitude ||W_k||), and PEFT computes what adapterkit does."""
+    model = AdapterModel(tiny_model("gpt2")).eval()
+    model.add_adapter("d", AdapterConfig("lora", dora=True, bottleneck_size=4, alpha=8, targets=["q", "v", "down"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.adapters["d"].named_parameters():
+            p.mul_(1 + torch.randn(p.shape, generator=g) * 0.3) if name.endswith("magnitude") else \
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    inputs = tiny_inputs("gpt2")
+    with torch.no_grad():
+        ours = _out(model(**inputs, adapter_names="d"))
+        assert not torch.allclose(ours, _out(model(**inputs)), atol=1e-3)
+    export(model, "d", tmp_path / "peft", to="peft")
+    peft_model = PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(peft_model(**inputs)), ours, atol=TOL, rtol=0)
+
+
+def test_dora_magnitude_of_a_wrong_shape_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    peft_model = get_peft_model(tiny_model("bert"), LoraConfig(target_modules=["query"], use_dora=True))
+    peft_model.save_pretrained(tmp_path / "p")
+    path = tmp_path / "p" / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    key = next(k for k in weights if "lora_magnitude_vector" in k)
+    weights[key] = torch.ones(7)
+    save_file(weights, str(path))
+    model = AdapterModel(tiny_model("bert"))
+    with pytest.raises(InteropError, match="magnitude"):
+        model.load_adapter(tmp_path / "p", name="x")
+    del weights[key]
+    save_file(weights, str(path))
+    with pytest.raises(InteropError, match="lora_magnitude_vector"):
+        model.load_adapter(tmp_path / "p", name="x")
+    assert model.list_adapters() == []
+
+
+@pytest.mark.parametrize("option,value", [("lora_bias", True), ("bias", "all")])
 def test_options_without_an_equivalent_are_refused(tmp_path, option, value):
     peft_model = get_peft_model(tiny_model("bert"), LoraConfig(target_modules=["query"], **{option: value}))
     peft_model.save_pretrained(tmp_path / "p")

@@ -10,14 +10,20 @@ What PEFT computes, and how it maps (PEFT 0.21; ``peft/tuners/lora/layer.py``, `
   Positions the checkpoint leaves alone get ``B = 0`` (the identity, exactly). A fused projection
   (GPT-2's ``c_attn``: out = [q; k; v]) is one PEFT module but three adapterkit positions, each with
   the same ``A`` and its third of ``B``; exporting joins them back (``A`` stacked, ``B`` block-diagonal).
+- DoRA (``use_dora``): PEFT's ``lora_magnitude_vector`` (out,) per module is adapterkit's
+  ``magnitude`` (``AdapterConfig(dora=True)``), a fused module's split by thirds as ``B`` is (DoRA's
+  norm is per output feature, so the thirds are independent). PEFT's maths (``tuners/lora/dora.py``):
+  ``y = out + (g - 1) (out - b) + g s B A x``, ``g = m / ||W + s B A||`` per output row, the norm
+  detached; while training with dropout the base term is ``W dropout(x)``, as adapterkit's. Positions
+  the checkpoint leaves alone get ``B = 0`` and ``m = ||W||`` (the identity, exactly).
 - IA3: ``ia3_l`` (out, 1) scales a module's output, (1, in) its input (``feedforward_modules``).
   adapterkit's positions: k, v (outputs) and ff (the input of the FFN's output projection).
 - ``modules_to_save`` heads: a BERT-style sequence classifier (the base's pooler, dense + tanh on the
   first token, then ``classifier``) is adapterkit's classification head; a per-token ``classifier``
   is its token-classification head.
 
-Anything else (DoRA, trained biases, embedding LoRA, other saved modules, other PEFT types) is refused
-by name. ``.bin`` weights are pickles: read only with ``torch.load(weights_only=True)``.
+Anything else (trained biases, embedding LoRA or DoRA, other saved modules, other PEFT types) is
+refused by name. ``.bin`` weights are pickles: read only with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
 from ..kinds import ia3 as ia3_kind
 from ..kinds import lora as lora_kind
+from ..kinds.interface import POSITIONS
 from .card import exported_base_id
 from .converted import Converted, labels_for, load_weight_file, read_json_object
 from .module_map import InteropError, ModuleMap
@@ -49,7 +56,7 @@ KEY_PREFIX = "base_model.model."
 
 # PEFT LoRA options that change the maths and have no adapterkit equivalent: (key, value that is fine).
 _LORA_REFUSED = (
-    ("use_dora", False), ("lora_bias", False), ("bias", "none"), ("layer_replication", None),
+    ("lora_bias", False), ("bias", "none"), ("layer_replication", None),
     ("target_parameters", None), ("trainable_token_indices", None), ("use_qalora", False),
     ("alora_invocation_tokens", None), ("megatron_config", None), ("use_bdlora", None), ("arrow_config", None),
 )
@@ -126,16 +133,33 @@ def _take(weights: dict[str, torch.Tensor], suffix: str) -> dict[str, torch.Tens
 
 def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: ModuleMap, model: AdapterModel) -> Converted:
     a_by_module, b_by_module = _take(weights, ".lora_A.weight"), _take(weights, ".lora_B.weight")
-    embedding = [k for k in weights if ".lora_embedding_" in k or ".lora_magnitude_vector" in k]
+    dora = config.get("use_dora", False)
+    if not isinstance(dora, bool):
+        raise InteropError(f"PEFT LoRA option use_dora={dora!r} must be true or false")
+    # PEFT saves DoRA's magnitude as ``<module>.lora_magnitude_vector`` (older releases: ``.weight`` after it)
+    m_by_module = _take(weights, ".lora_magnitude_vector.weight")
+    m_by_module.update(_take(weights, ".lora_magnitude_vector"))
+    embedding = [k for k in weights if ".lora_embedding_" in k]
     if embedding:
-        raise InteropError(f"PEFT LoRA tensor {embedding[0]!r} (embedding LoRA or DoRA) has no adapterkit equivalent")
+        raise InteropError(f"PEFT LoRA tensor {embedding[0]!r} (embedding LoRA) has no adapterkit equivalent")
     if set(a_by_module) != set(b_by_module) or not a_by_module:
         raise InteropError("PEFT LoRA weights need a lora_A and a lora_B for every module")
+    if m_by_module and not dora:
+        raise InteropError(f"PEFT LoRA tensor {next(iter(m_by_module))}.lora_magnitude_vector (DoRA) without use_dora")
+    if dora and set(m_by_module) != set(a_by_module):
+        lacking = sorted(set(a_by_module) - set(m_by_module)) or sorted(set(m_by_module) - set(a_by_module))
+        raise InteropError(f"PEFT DoRA weights need a lora_magnitude_vector for every LoRA module (and no other); "
+                           f"not so for {lacking[0]!r}")
     rslora = bool(config.get("use_rslora", False))
     alpha0 = float(config.get("lora_alpha", 8))
     sites: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for module, a in a_by_module.items():
         b = b_by_module[module]
+        m = m_by_module.get(module)
+        if m is not None and (m.dim() != 1 or b.dim() != 2 or m.shape[0] != b.shape[0]):
+            raise InteropError(f"PEFT DoRA magnitude of {module!r} has shape {tuple(m.shape)}; its lora_B has "
+                               f"{tuple(b.shape)} (one magnitude per output feature)")
         targets = [t for t in mmap.targets(module) if t.position in lora_kind.TARGETS]
         if not targets:
             raise InteropError(f"PEFT LoRA targets module {module!r}, which is not one of adapterkit's LoRA positions "
@@ -146,6 +170,8 @@ def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: M
         for t in targets:
             part = b if t.part is None else b[t.part]
             sites[(t.layer, t.position)] = (a, part, scale)
+            if m is not None:
+                magnitudes[(t.layer, t.position)] = m if t.part is None else m[t.part]
     rank = max(a.shape[0] for a, _, _ in sites.values())
     # the common scale: that of the widest module, so those need no rescaling of B
     common = next(s for a, _, s in sites.values() if a.shape[0] == rank)
@@ -153,7 +179,7 @@ def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: M
     positions = [p for p in lora_kind.TARGETS if any(pos == p for _, pos in sites)]
     layers = sorted({layer for layer, _ in sites})
     cfg = AdapterConfig("lora", bottleneck_size=rank, alpha=alpha, rslora=rslora, targets=positions,
-                        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                        dropout=float(config.get("lora_dropout", 0.0) or 0.0), dora=dora,
                         leave_out=[i for i in range(model.num_layers) if i not in layers])
     tensors: dict[str, torch.Tensor] = {}
     dims = model._site_dims("lora", positions)
@@ -171,7 +197,21 @@ def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: M
                 b_full[:, : a.shape[0]] = b.float() * (scale / common)
             tensors[f"layers.{layer}.{p}.A"] = a_full
             tensors[f"layers.{layer}.{p}.B"] = b_full
+            if dora:  # the file's magnitude, else ||W|| as a new DoRA module starts (exactly the identity)
+                m = magnitudes.get((layer, p))
+                tensors[f"layers.{layer}.{p}.magnitude"] = (
+                    lora_kind.direction_norm(_projection_weight(model, layer, p)).cpu() if m is None else m.float())
     return Converted(cfg, None, [], tensors)
+
+
+def _projection_weight(model: AdapterModel, layer: int, position: str) -> torch.Tensor:
+    """The (out, in) weight (a view) of the projection at (layer, position); its part of a fused one."""
+    ls = model.layer_sites[layer]
+    role = POSITIONS[position].output
+    target = getattr(ls, role)
+    w = target.weight if isinstance(target, nn.Linear) else target.weight.t()  # Conv1D keeps (in, out)
+    part = ls.slices.get(role)
+    return w if part is None else w[part]
 
 
 def _read_ia3(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: ModuleMap, model: AdapterModel) -> Converted:
@@ -312,6 +352,8 @@ def write_peft(model: AdapterModel, name: str, out: str | Path) -> Path:
         if cfg.kind == "lora":
             a, b, k = _join_lora(parts, model)
             weights[f"{module_name}.lora_A.weight"], weights[f"{module_name}.lora_B.weight"] = a, b
+            if cfg.dora:
+                weights[f"{module_name}.lora_magnitude_vector"] = _join_magnitude(parts, model)
             if k > 1:  # a fused projection: rank k r, and alpha such that the scale stays alpha / r
                 rank_pattern[module_name] = k * r
                 alpha_pattern[module_name] = alpha * (math.sqrt(k) if cfg.rslora else k)
@@ -324,7 +366,7 @@ def write_peft(model: AdapterModel, name: str, out: str | Path) -> Path:
             "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": cfg.rslora,
             "lora_dropout": cfg.dropout, "target_modules": targets, "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": _fan_in_fan_out(model, targets, prefix),
-            "init_lora_weights": True, "use_dora": False,
+            "init_lora_weights": True, "use_dora": bool(cfg.dora),
         }
     else:
         ff = [m for m, parts in grouped.items() if any(position == "ff" for _, _, position in parts)]
@@ -382,6 +424,21 @@ def _join_lora(parts: list, model: AdapterModel) -> tuple[torch.Tensor, torch.Te
     for j, (target, site, _) in enumerate(parts):
         b[target.part, j * r:(j + 1) * r] = site.B.detach().cpu().float()
     return a, b, len(parts)
+
+
+def _join_magnitude(parts: list, model: AdapterModel) -> torch.Tensor:
+    """One PEFT module's DoRA magnitude (out,): a plain projection's own; a fused one's thirds joined,
+    ``||W||`` rows (PEFT's identity there, as B is zero) for a third no position adapts."""
+    site = parts[0][1]
+    if len(parts) == 1 and parts[0][0].part is None:
+        return site.magnitude.detach().cpu().float()
+    target, _, position = parts[0]
+    projection = getattr(model.layer_sites[target.layer], POSITIONS[position].output)
+    whole = projection.weight if isinstance(projection, nn.Linear) else projection.weight.t()  # (out, in)
+    m = lora_kind.direction_norm(whole).cpu()
+    for target, module, _ in parts:
+        m[target.part] = module.magnitude.detach().cpu().float()
+    return m
 
 
 def _join_ia3(parts: list, model: AdapterModel) -> dict[str, torch.Tensor]:

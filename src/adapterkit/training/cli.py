@@ -74,6 +74,8 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--lora-alpha", type=float, help="--kind lora: alpha; the update is scaled by alpha / r (default: r)")
     p.add_argument("--lora-targets", help="--kind lora: projections, comma-separated, of q,k,v,o,up,gate,down (default: q,v)")
     p.add_argument("--rslora", action="store_true", help="--kind lora: scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    p.add_argument("--lora-dora", action="store_true",
+                   help="--kind lora: DoRA, a learned magnitude per output feature (PEFT's use_dora)")
     p.add_argument("--ia3-targets", help="--kind ia3: comma-separated, of k,v,ff (default: all three)")
     p.add_argument("--train-layer-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="train per-task layer-norm affines (default: yes for houlsby)")
@@ -174,6 +176,7 @@ def _check_train_options(args: argparse.Namespace) -> None:
         mode = "--full trains the whole model" if args.full else "--fusion-of trains a fusion of existing adapters"
         given = [flag for key, flag in _ADAPTER_OPTIONS.items() if getattr(args, key) is not None]
         given += ["--rslora"] if args.rslora else []
+        given += ["--lora-dora"] if args.lora_dora else []
         given += ["--leave-out"] if args.fusion_of and args.leave_out else []
         if given:
             raise ValueError(f"{mode}, not an adapter: {', '.join(given)} would be ignored; "
@@ -190,7 +193,7 @@ def _kind_options(args: argparse.Namespace) -> dict:
     """The LoRA / IA3 flags as AdapterConfig options; a flag of another kind is an error, not ignored."""
     kind = args.kind or "houlsby"
     lora = {"--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets,
-            "--rslora": args.rslora or None}
+            "--rslora": args.rslora or None, "--lora-dora": args.lora_dora or None}
     given = [flag for flag, value in lora.items() if value is not None]
     if given and kind != "lora":
         raise ValueError(f"{', '.join(given)} need --kind lora (got --kind {kind})")
@@ -201,7 +204,7 @@ def _kind_options(args: argparse.Namespace) -> dict:
             raise ValueError("give --lora-r or --bottleneck-size, not both")
         if args.lora_r is not None:
             args.bottleneck_size = args.lora_r
-        return {"alpha": args.lora_alpha, "targets": args.lora_targets, "rslora": args.rslora}
+        return {"alpha": args.lora_alpha, "targets": args.lora_targets, "rslora": args.rslora, "dora": args.lora_dora}
     if kind == "ia3":
         return {"targets": args.ia3_targets}
     return {}
