@@ -31,6 +31,12 @@ Keys are ``<model>_<measure>_<library>``; libraries: ``adapterkit``, ``adapters`
   gradients, saved activations, temporaries), from the profiler's allocation events: what a GPU's
   caching allocator would have to hold, free of the import baseline and of glibc's fragmentation,
   which dominate the RSS numbers on a CPU.
+- ``kinds`` (``kinds_compare.py``'s measures, in this table): ``lora_overhead`` and ``ia3_overhead``
+  beside PEFT, ``lora_mixed64_ratio`` / ``lora_mixed8x32_ratio`` (PEFT ``adapter_names``) and
+  ``kinds_mixed_ratio`` (64 rows over 8 adapters of 4 kinds and 3 sizes vs one Houlsby adapter).
+- ``lora_train_step_s`` (and ``lora_train_peak_*``): the training step above with LoRA r 8 (alpha 16) on
+  query and value and a classification head, adapterkit (``adapterkit_lora``) beside PEFT's
+  ``SEQ_CLS`` LoRA.
 - ``{houlsby,pfeiffer,parallel,lora}_saved_bytes``: bytes on disk of one saved task, adapter + head,
   every file the library's save call writes (adapters: its default torch format, and ``_st`` with
   ``use_safetensors=True``).
@@ -67,12 +73,12 @@ KINDS = ("houlsby", "pfeiffer", "parallel")
 ADAPTERS_CONFIGS = {"houlsby": DoubleSeqBnConfig, "pfeiffer": SeqBnConfig, "parallel": ParBnConfig}
 LIBRARIES = ("adapterkit", "adapters", "peft", "naive", "full")
 # adapterkit_drop5: AdapterDrop, the lowest 5 layers without adapters (the backward stops above them)
-TRAIN_LIBRARIES = ("adapterkit", "adapters", "peft", "full", "adapterkit_drop5")
+TRAIN_LIBRARIES = ("adapterkit", "adapters", "peft", "full", "adapterkit_drop5", "adapterkit_lora")
 DROP_LOWEST = 5
 LABELS = [f"l{i}" for i in range(5)]
 RF = 16  # reduction factor of every bottleneck adapter here
 LORA_R = 8
-MEASURES = ("overhead", "mixed", "storage", "train")
+MEASURES = ("overhead", "mixed", "kinds", "storage", "train")
 
 Timings = dict[str, list[float]]
 
@@ -356,6 +362,10 @@ def bench_storage(which: str) -> dict[str, float]:
         ak.add_adapter("h", AdapterConfig("houlsby", reduction_factor=RF, train_layer_norms=False),
                        head="classification", labels=LABELS)
         out["houlsby_nonorm_saved_bytes_adapterkit"] = ak.save_adapter("h", root / "ak-h.safetensors").stat().st_size
+        # PEFT's task below: LoRA r 8 (alpha 16) on query and value, and a 5-label classifier
+        ak.add_adapter("lora", AdapterConfig("lora", bottleneck_size=LORA_R, alpha=2 * LORA_R, targets=["q", "v"]),
+                       head="classification", labels=LABELS)
+        out["lora_saved_bytes_adapterkit"] = ak.save_adapter("lora", root / "ak-lora.safetensors").stat().st_size
         del ak
         ad = adapters_model_with_head(which)
         for kind in KINDS:
@@ -407,6 +417,12 @@ def training_model(which: str, lib: str) -> tuple[nn.Module, Callable[..., torch
         drop = list(range(DROP_LOWEST)) if lib == "adapterkit_drop5" else []
         config = AdapterConfig("houlsby", reduction_factor=RF, leave_out=drop)
         m.add_adapter("task", config, head="classification", labels=LABELS)
+        m.train_adapter("task")
+        return m, lambda i, a, y: m(input_ids=i, attention_mask=a, labels=y).loss
+    if lib == "adapterkit_lora":  # PEFT's recipe below, in adapterkit: LoRA r 8, alpha 16, query + value
+        m = AdapterModel(load_base(which))
+        m.add_adapter("task", AdapterConfig("lora", bottleneck_size=LORA_R, alpha=2 * LORA_R, targets=["q", "v"]),
+                      head="classification", labels=LABELS)
         m.train_adapter("task")
         return m, lambda i, a, y: m(input_ids=i, attention_mask=a, labels=y).loss
     if lib == "adapters":
@@ -491,6 +507,10 @@ def bench_training(which: str, rounds: int, steps: int, threads: int) -> dict[st
     for lib, key in (("adapterkit", "train_step_ratio"), ("adapterkit_drop5", "train_step_ratio_drop5")):
         out[key] = median(samples[lib]) / median(samples["full"])
         print(f"[{which} {key} {out[key]:.3f}]", file=sys.stderr)
+    # the LoRA row of the table: adapterkit's LoRA beside PEFT's (which is LoRA too)
+    for measure in ("train_step_s", "train_peak_mb", "train_peak_tensor_mb", "train_params"):
+        out[f"lora_{measure}_adapterkit"] = out.pop(f"{measure}_adapterkit_lora")
+        out[f"lora_{measure}_peft"] = out[f"{measure}_peft"]
     return out
 
 
@@ -543,6 +563,22 @@ def check_targets(results: dict[str, float], models: Sequence[str]) -> list[tupl
                 [f"{m}_{kind}_saved_bytes_adapterkit", f"{m}_{theirs}_saved_bytes_adapters",
                  f"{m}_{theirs}_saved_bytes_st_adapters"],
                 lambda a, b, c: (a <= min(b, c), f"{a:.0f} vs {min(b, c):.0f} bytes"))
+        # issue 11: LoRA and IA3 beside PEFT (the ``kinds`` measure, kinds_compare.py), training and storage
+        for kind in ("lora", "ia3"):
+            add(f"{m} {kind} overhead <= PEFT's", [f"{m}_{kind}_overhead_adapterkit", f"{m}_{kind}_overhead_peft",
+                                                  f"{m}_{kind}_overhead_spread_adapterkit"],
+                lambda a, p, s: (a <= p, f"{a:.3f} vs PEFT {p:.3f} (spread {s:.3f})"))
+        add(f"{m} lora_mixed64 >= 0.95 and ahead of PEFT by more than the spread",
+            [f"{m}_lora_mixed64_ratio_adapterkit", f"{m}_lora_mixed64_ratio_peft",
+             f"{m}_lora_mixed64_ratio_spread_adapterkit", f"{m}_lora_mixed64_ratio_spread_peft"],
+            lambda a, p, sa, sp: (a >= 0.95 and a - p > max(sa, sp), f"{a:.3f} vs PEFT {p:.3f}, spread {max(sa, sp):.3f}"))
+        add(f"{m} lora_mixed8x32 >= PEFT's", [f"{m}_lora_mixed8x32_ratio_adapterkit", f"{m}_lora_mixed8x32_ratio_peft"],
+            lambda a, p: (a >= p, f"{a:.3f} vs PEFT {p:.3f}"))
+        add(f"{m} kinds_mixed >= 0.90", [f"{m}_kinds_mixed_ratio_adapterkit"], lambda v: (v >= 0.90, f"{v:.3f}"))
+        add(f"{m} lora train step <= PEFT's", [f"{m}_lora_train_step_s_adapterkit", f"{m}_lora_train_step_s_peft"],
+            lambda a, p: (a <= p, f"{a:.3f} s vs PEFT {p:.3f} s"))
+        add(f"{m} saved LoRA task <= PEFT's", [f"{m}_lora_saved_bytes_adapterkit", f"{m}_lora_saved_bytes_peft"],
+            lambda a, p: (a <= p, f"{a:.0f} vs {p:.0f} bytes"))
     return checks
 
 
@@ -603,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
         mixed_rounds = args.mixed_rounds or args.rounds or (3 if args.quick else 7 if small else 3)
         check_rows = 8 if args.quick or not small else 64
         out = bench_inference(m, rounds, mixed_rounds, check_rows, args.measures)
+        if "kinds" in args.measures:  # LoRA / IA3 / mixed kinds beside PEFT (kinds_compare.py; it imports this)
+            from kinds_compare import run as run_kinds
+
+            kinds = run_kinds(m, max(rounds, 7), 32 if args.quick else 128)
+            out.update({k[len(m) + 1 :]: v for k, v in kinds.items() if k != f"{m}_base_latency_ms"})
         if "storage" in args.measures:
             out.update(bench_storage(m))
         if "train" in args.measures:
