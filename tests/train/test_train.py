@@ -284,3 +284,29 @@ def test_stochastic_adapter_drop_samples_per_step_and_cuts_the_lower_layers(tmp_
     with pytest.raises(ValueError, match="adapter_drop is 9"):
         fit(_model(tiny_bert, train.labels), "s", train, val, tokenizer, tmp_path / "t.safetensors",
             TrainConfig(epochs=1, progress=False, adapter_drop=9))
+
+
+_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reason="no CUDA device"))])
+@pytest.mark.parametrize("kind", ["houlsby", "lora"])
+def test_fit_on_a_device_with_a_bfloat16_base(tmp_path, tiny_bert, sentiment, device, kind):
+    """``TrainConfig(device=..., dtype="bfloat16")``: the base runs in bf16 on the device, the adapter
+    trains in float32 (its optimizer state too), the base stays frozen, and the saved artifact, loaded
+    onto a float32 CPU base, predicts what the trained model did."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    train, val = load_task(sentiment[0]), load_task(sentiment[1])
+    model = _model(tiny_bert, train.labels, kind=kind)
+    out = tmp_path / "s.safetensors"
+    config = TrainConfig(epochs=3, lr=1e-2, batch_size=16, progress=False, device=device, dtype="bfloat16")
+    result = fit(model, "s", train, val, tokenizer, out, config)
+    base = next(model.base.parameters())
+    assert (base.device.type, base.dtype) == (device, torch.bfloat16)
+    assert all(p.device.type == device and p.dtype == torch.float32 for p in model.adapters["s"].parameters())
+    assert result.best_metric == max(h["val_accuracy"] for h in result.history)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"], result.history
+    fresh = AdapterModel(AutoModel.from_pretrained(tiny_bert))
+    fresh.load_adapter(out)
+    cpu = evaluate(fresh, "s", EncodedTask(val, tokenizer))["accuracy"]
+    assert abs(cpu - result.best_metric) <= 2 / 32  # bf16 vs float32 base: at most a row or two of 32 flip
