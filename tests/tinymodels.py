@@ -158,6 +158,25 @@ def tiny_inputs(model_type: str, batch: int = 4, seq: int = 9, seed: int = 1) ->
     return inputs
 
 
+def train_steps(model, batch: dict, adapter_names, steps: int = 8, lr: float = 0.05, after_backward=None):
+    """``steps`` AdamW steps of the trainable parameters on one batch (the model in train mode).
+    Returns the losses and the parameters as they were before, by name; ``after_backward(step)``
+    runs between each backward and its optimizer step (to look at the gradients)."""
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = model(**batch, adapter_names=adapter_names).loss
+        optimizer.zero_grad()
+        loss.backward()
+        if after_backward is not None:
+            after_backward(step)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, before
+
+
 def package_dir(module: str) -> pathlib.Path:
     return pathlib.Path(next(iter(importlib.util.find_spec(module).submodule_search_locations)))
 

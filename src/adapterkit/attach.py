@@ -7,8 +7,9 @@ module tree or their state-dict keys):
   without hooks keeps torch's fast call path): a *site hook* on a position's output module replaces
   its output, an *input-rewrite pre-hook* replaces its input (kinds that act on a projection's input),
   and a *capture pre-hook* on a feeding module keeps its input for kinds fed by it (parallel adapters);
-  a position that acts on the backbone (prefix tuning) gets one *backbone pre-hook* that rewrites the
-  backbone's keyword inputs (its KV cache, attention mask, position ids);
+  a position that acts on the backbone (prefix tuning) gets *backbone pre-hooks* that rewrite keyword
+  inputs: one on a decoder's backbone (its KV cache, attention mask, position ids), or one on each
+  layer's self-attention module (encoders, encoder-decoders: its cache argument and mask);
 - ``RoutedNorm``: an instance-level ``forward`` on each layer norm that applies a task's affine per row;
 - ``RoutedCheckpoint``: gradient-checkpoint functions that recompute under the forward's route.
 
@@ -134,9 +135,10 @@ def _rewrite_hook(owner: weakref.ref, layer: int, position: str, flat: bool):
     return hook
 
 
-def _backbone_hook(owner: weakref.ref, position: str, layers: list[int]):
-    """A pre-hook (with kwargs) on the backbone: each class of module at ``position`` rewrites the
-    backbone's inputs, by name, through its classmethod ``apply_backbone``."""
+def _backbone_hook(owner: weakref.ref, position: str, layers: list[int], cls: type, apply: Any):
+    """A pre-hook (with kwargs) on a module a backbone position acts through (the decoder backbone, or
+    one layer's self-attention): ``apply(route, position, members, module, inputs, layers)`` rewrites
+    its inputs, by name, for the modules of class ``cls`` at ``layers``."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         model = owner()
@@ -144,24 +146,29 @@ def _backbone_hook(owner: weakref.ref, position: str, layers: list[int]):
         if route is None:
             return None
         members = [route.members((i, position)) for i in layers]  # [layer][adapter k]
-        classes = list(dict.fromkeys(type(m) for per in members for m in per if m is not None))
-        if not classes:
+        if not any(type(m) is cls for per in members for m in per):
             return None
-        inputs = _by_name(module, args, kwargs)
-        for cls in classes:
-            own = members if len(classes) == 1 else [[m if type(m) is cls else None for m in per] for per in members]
-            inputs = cls.apply_backbone(route, position, own, module, inputs) or inputs
-        return (), inputs
+        own = [[m if type(m) is cls else None for m in per] for per in members]
+        new = apply(route, position, own, module, _by_name(module, args, kwargs), layers)
+        return None if new is None else ((), new)
 
     return hook
+
+
+_POSITIONAL: dict[type, list[str]] = {}  # module class -> its forward's positional parameter names
 
 
 def _by_name(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A call's positional and keyword arguments as one dict by parameter name."""
     if not args:
         return dict(kwargs)
-    names = [p.name for p in inspect.signature(module.forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    own = "forward" in module.__dict__  # an instance-level forward (accelerate's hooks) may differ
+    names = None if own else _POSITIONAL.get(type(module))
+    if names is None:
+        names = [p.name for p in inspect.signature(module.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not own:
+            _POSITIONAL[type(module)] = names
     return {**dict(zip(names, args)), **kwargs}
 
 
@@ -233,14 +240,24 @@ class Attachment:
             self.hooked.append(position)
 
     def _hook_backbone(self, position: str) -> None:
-        """One pre-hook on the backbone for ``position``, after the kinds acting there vetted the base."""
+        """The pre-hooks of ``position``, after the kinds acting there vetted the base: where each kind's
+        module class names them (``backbone_hooks``: one per layer's self-attention, for prefixes on
+        encoders), else one on the backbone (``apply_backbone``)."""
         base = self.owner().base
-        for kind in KINDS.values():
-            check = getattr(kind.module, "check_base", None)
-            if position in kind.sites and check is not None:
+        classes = list(dict.fromkeys(kind.module for kind in KINDS.values() if position in kind.sites))
+        for cls in classes:
+            check = getattr(cls, "check_base", None)
+            if check is not None:
                 check(base)  # ValueError before anything is hooked
-        hook = _backbone_hook(self.owner, position, [ls.index for ls in self.layer_sites])
-        self.handles.append(backbone(base).register_forward_pre_hook(hook, with_kwargs=True))
+        layers = [ls.index for ls in self.layer_sites]
+        for cls in classes:
+            place = getattr(cls, "backbone_hooks", None)
+            targets = place(base, self.layer_sites) if place is not None else None
+            if targets is None:
+                targets = [(backbone(base), layers, cls.apply_backbone)]
+            for module, served, apply in targets:
+                hook = _backbone_hook(self.owner, position, served, cls, apply)
+                self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def wrap_checkpointing(self, base: nn.Module) -> None:
         """Carry each call's route into gradient checkpointing's recomputation."""

@@ -42,6 +42,12 @@ class AdapterConfig:
         dora: DoRA (Liu et al. 2024, PEFT's ``use_dora``): the LoRA-updated weight's direction times
             a learned magnitude per output feature (starts at ``||W||``: still the identity). Only
             for ``lora``.
+        prefix_projection: prefix tuning's reparameterisation (Li & Liang 2021, section 4.3; PEFT's
+            ``prefix_projection``): while training, every layer's keys and values come out of one MLP
+            (a (P, d) embedding, Linear-tanh-Linear); artifacts hold them folded into plain per-layer
+            prefixes. Only for ``prefix``.
+        prefix_hidden_size: that MLP's hidden width (PEFT's ``encoder_hidden_size``); default 512
+            with ``prefix_projection``.
 
     For ``lora`` the rank r is ``bottleneck_size`` (default 8); ``dropout`` drops the LoRA input.
     """
@@ -59,6 +65,8 @@ class AdapterConfig:
     targets: list[str] | None = None
     rslora: bool = False
     dora: bool = False
+    prefix_projection: bool = False
+    prefix_hidden_size: int | None = None
 
     def __post_init__(self) -> None:
         kind = get_kind(self.kind)
@@ -68,6 +76,9 @@ class AdapterConfig:
             self.targets = list(self.targets)
         if self.dora is not False and self.kind != "lora":
             raise ValueError(f"dora is a LoRA option (kind 'lora'); kind {self.kind!r} does not take it")
+        if (self.prefix_projection is not False or self.prefix_hidden_size is not None) and self.kind != "prefix":
+            raise ValueError(f"prefix_projection and prefix_hidden_size are prefix-tuning options (kind 'prefix'); "
+                             f"kind {self.kind!r} does not take them")
         if kind.prepare is not None:
             kind.prepare(self)
         elif self.alpha is not None or self.targets is not None or self.rslora:
@@ -138,7 +149,8 @@ class AdapterConfig:
         """As a JSON-able dict. Options a kind does not use are left out when unset, so a bottleneck
         adapter's metadata is what it was before LoRA existed."""
         data = asdict(self)
-        for key, unset in (("alpha", None), ("targets", None), ("rslora", False), ("dora", False)):
+        for key, unset in (("alpha", None), ("targets", None), ("rslora", False), ("dora", False),
+                           ("prefix_projection", False), ("prefix_hidden_size", None)):
             if data[key] == unset:
                 del data[key]
         return data

@@ -841,6 +841,7 @@ class AdapterModel(nn.Module):
         metrics: dict[str, float] | None = None,
         description: str = "",
         stacked_on: Sequence[str] | None = None,
+        resumable: bool = False,
     ) -> Path:
         """Write adapter ``name`` (bottlenecks, norm affines, head) and its metadata to one
         ``.safetensors`` file, atomically.
@@ -848,18 +849,27 @@ class AdapterModel(nn.Module):
         ``stacked_on``: the loaded adapters (bottom first) it was trained on top of, as
         ``Stack(*stacked_on, name)``; the metadata names each with the sha256 of its site tensors (never
         a path), and the adapter keeps the record (``adapter_info``). None: the record it already has
-        (from ``load_adapter`` or an earlier save), if any."""
+        (from ``load_adapter`` or an earlier save), if any.
+
+        A kind may train in a form of its own (prefix tuning's reparameterisation MLP): the file holds
+        its artifact form (``AdapterKind.export``: plain prefixes), unless ``resumable`` (training
+        checkpoints), which keeps the training form so that a resumed run continues exactly."""
         adapter = self._get(name)
         if stacked_on is not None:
             if isinstance(stacked_on, str) or name in stacked_on or len(set(stacked_on)) != len(stacked_on):
                 raise ValueError(f"stacked_on is a list of other adapters' names, each once; got {stacked_on!r}")
             adapter.stacked_on = [{"name": n, "sha256": member_digest(self._get(n)), "kind": self._get(n).config.kind}
                                   for n in stacked_on]
-        metadata = build_metadata(name, adapter.config, self.hidden_size, adapter.task, adapter.head_spec,
+        tensors, config, extra = adapter.state_dict(), adapter.config, {}
+        export = config.kind_spec.export
+        if export is not None and not resumable:
+            tensors, config, extra = export(adapter)
+        metadata = build_metadata(name, config, self.hidden_size, adapter.task, adapter.head_spec,
                                   self.fingerprint(), metrics, description)
+        metadata.update(extra)
         if getattr(adapter, "stacked_on", None):  # absent for an adapter trained alone
             metadata["stacked_on"] = [dict(e) for e in adapter.stacked_on]
-        return write_artifact(path, adapter.state_dict(), metadata)
+        return write_artifact(path, tensors, metadata)
 
     def load_adapter(
         self,

@@ -89,6 +89,9 @@ class TaskAdapter(nn.Module):
             for i, n in enumerate(norms_per_layer)
         )
         self.head = head
+        link = config.kind_spec.link
+        if link is not None:  # modules that share parameters across layers (prefix tuning's MLP)
+            link(self)
 
     def _lookup(self) -> dict[tuple, Any]:
         """(layer, position) -> SiteModule and (layer, norm index) -> NormAffine, as a plain dict:

@@ -1,5 +1,6 @@
-"""Prefix tuning (``kinds/prefix.py``): shapes, the maths against a KV cache built by hand, per-row mixing
-with other kinds in forward and ``generate``, training, artifacts, and what it refuses.
+"""Prefix tuning (``kinds/prefix.py``) on decoders: shapes, the maths against a KV cache built by hand,
+per-row mixing with other kinds in forward and ``generate``, training, artifacts, and what it refuses.
+Encoders, encoder-decoders and the reparameterisation MLP: ``test_prefix_encoders.py``.
 
 Tiny random llama (grouped-query attention, RoPE) and gpt2 (fused Conv1D, learned positions), under
 whichever transformers the venv has (4.57: ``past_key_values`` + ``cache_position``; 5.x: ``cache``).
@@ -11,7 +12,7 @@ import inspect
 
 import pytest
 import torch
-from tinymodels import tiny_inputs, tiny_model
+from tinymodels import tiny_inputs, tiny_model, train_steps
 from transformers import DynamicCache
 
 from adapterkit import AdapterConfig, AdapterModel
@@ -184,17 +185,8 @@ def test_gradients_reach_the_prefixes_only_and_training_lowers_the_loss(model_ty
     model.zero_grad()
     report = model.train_adapter("p4")
     assert report.trainable == sum(p.numel() for p in model.adapters["p4"].parameters())
-    model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
     batch = {**inputs, "labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)}
-    losses = []
-    for _ in range(8):
-        loss = model(**batch, adapter_names="p4").loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses, before = train_steps(model, batch, "p4")
     assert losses[-1] < losses[0] - 0.05, losses
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {f"adapters.p4.layers.{i}.prefix.{w}" for i in range(2) for w in ("key", "value")}
@@ -227,11 +219,11 @@ def test_artifact_round_trip_and_shape_checks(model_type, tmp_path):
 
 
 def test_refusals():
-    for model_type in ("bert", "t5", "gptj"):  # an encoder, an encoder-decoder, an untested decoder
-        model = AdapterModel(tiny_model(model_type))
-        with pytest.raises(ValueError, match="prefix tuning is wired up for decoder-only"):
-            model.add_adapter("p", AdapterConfig("prefix"))
-        assert model.list_adapters() == [] and "prefix" not in model._attachment.hooked
+    # an untested decoder; encoders / encoder-decoders: tests/core/test_prefix_encoders.py
+    model = AdapterModel(tiny_model("gptj"))
+    with pytest.raises(ValueError, match="does not support 'gptj': untested. It is wired up for decoders"):
+        model.add_adapter("p", AdapterConfig("prefix"))
+    assert model.list_adapters() == [] and "prefix" not in model._attachment.hooked
     for bad, match in ((dict(leave_out=[0]), "cannot leave layers out"), (dict(reduction_factor=4), "not a reduction_factor"),
                        (dict(dropout=0.1), "no dropout"), (dict(scaling=2.0), "no scaling"), (dict(targets=["k"]), "LoRA / IA3")):
         with pytest.raises(ValueError, match=match):
@@ -257,7 +249,7 @@ def test_refusals():
         model(**inputs, adapter_names="p")
 
 
-@pytest.mark.parametrize("model_type", DECODERS)
+@pytest.mark.parametrize("model_type", [*DECODERS, "roberta"])
 def test_classification_heads_over_prefixes(model_type):
     """Heads read the backbone's hidden states (the hooked module itself): mixed rows equal each alone."""
     model = AdapterModel(tiny_model(model_type))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,23 @@ def minilm() -> Path:
 def _threads():
     # one thread: the tiny models gain nothing from more, and CI's 2 cores are shared with other jobs
     torch.set_num_threads(1)
+
+
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    """Make the training loop get SIGTERM during optimizer step ``step`` (from its LR schedule); undo
+    with ``monkeypatch.undo()``."""
+    import adapterkit.train as train_module
+
+    real_schedule = train_module._linear_schedule
+
+    def schedule_that_gets_killed(warmup, total):
+        factor = real_schedule(warmup, total)
+
+        def wrapped(at):
+            if at == step:
+                signal.raise_signal(signal.SIGTERM)
+            return factor(at)
+
+        return wrapped
+
+    monkeypatch.setattr(train_module, "_linear_schedule", schedule_that_gets_killed)

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_sentiment, write_jsonl
+from conftest import interrupt_at_step, make_sentiment, write_jsonl
 from transformers import AutoModel, AutoTokenizer
 
 import adapterkit.train as train_module
@@ -94,23 +94,11 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, tiny_bert, sentiment,
     reference = _run(tiny_bert, train, val, tokenizer, tmp_path / "a" / "s.safetensors")
     expected = read_artifact(reference.artifact).tensors
 
-    real_schedule = train_module._linear_schedule
-
-    def schedule_that_gets_killed(warmup, total):
-        factor = real_schedule(warmup, total)
-
-        def wrapped(step):
-            if step == 5:  # SIGTERM lands during the 5th optimizer step (first epoch has 6)
-                signal.raise_signal(signal.SIGTERM)
-            return factor(step)
-
-        return wrapped
-
     out = tmp_path / "b" / "s.safetensors"
-    monkeypatch.setattr(train_module, "_linear_schedule", schedule_that_gets_killed)
+    interrupt_at_step(monkeypatch, 5)  # SIGTERM lands during the 5th optimizer step (first epoch has 6)
     with pytest.raises(TrainingInterrupted, match="stopped at step 5"):
         _run(tiny_bert, train, val, tokenizer, out)
-    monkeypatch.setattr(train_module, "_linear_schedule", real_schedule)
+    monkeypatch.undo()
     assert json.loads((run_paths(out)["checkpoint"] / "latest.json").read_text())["step"] == 5
     assert not out.exists()  # no evaluation yet, so no artifact: never a half-trained one
     resumed = _run(tiny_bert, train, val, tokenizer, out, resume=True)

@@ -43,9 +43,12 @@ class Position:
     to them (IA3 scales the FFN's inner activation, the input of its output projection).
     ``input``: the ``LayerSites`` attribute whose first input a pre-hook captures for modules fed by
     the sublayer's input, or None where ``sites.py`` names no such module (no ``"input"`` feed there).
-    ``acts_on="backbone"``: no per-layer hook; one forward pre-hook on the decoder backbone hands its
-    keyword inputs to the modules' classmethod ``apply_backbone`` (prefix tuning fills the KV cache
-    there); ``output`` then only sizes the modules (``AdapterKind.sized_by_site``).
+    ``acts_on="backbone"``: no hook on ``output``; forward pre-hooks (with kwargs) on the modules the
+    module class names (classmethod ``backbone_hooks(base, layer_sites)``: (module, its layers, the
+    function that rewrites its inputs) triples; by default, or when it returns None, one hook on the
+    backbone through the classmethod ``apply_backbone``) hand those modules' keyword inputs over to be
+    rewritten (prefix tuning: the decoder backbone's KV cache and mask, or each layer's self-attention
+    inputs); ``output`` then only sizes the modules (``AdapterKind.sized_by_site``).
     Roles that a row of the site table may lack (``sites.PROJECTION_ROLES``) are hooked only where the
     layer has them, and only once some adapter has a module at the position.
     """
@@ -138,6 +141,11 @@ class AdapterKind:
         prepare: optional: fill this kind's defaults into an ``AdapterConfig`` before it is validated
             (LoRA's rank and targets).
         select: optional: the positions (a subset of ``sites``) a given config uses; default all.
+        link: optional: wire an adapter's modules across layers once all are built, called with the
+            ``TaskAdapter`` (prefix tuning's reparameterisation MLP has one input stage for all layers).
+        export: optional: an adapter's artifact form where it differs from its training form, as
+            (tensors, config, extra metadata) (prefix tuning folds its MLP into plain prefixes);
+            ``save_adapter`` writes it, except for resumable training checkpoints.
     """
 
     name: str
@@ -151,6 +159,8 @@ class AdapterKind:
     sized_by_site: bool = False
     prepare: Callable[[AdapterConfig], None] | None = None
     select: Callable[[AdapterConfig], tuple[str, ...]] | None = None
+    link: Callable[[Any], None] | None = None
+    export: Callable[[Any], tuple[dict[str, torch.Tensor], AdapterConfig, dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         for position, feed in self.sites.items():

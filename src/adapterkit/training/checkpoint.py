@@ -3,7 +3,8 @@
 Layout of ``OUT.ckpt/``::
 
     latest.json                 {"dir": "step-00000120", "step": 120}  (the pointer; renamed in last)
-    step-00000120/adapter.safetensors   the adapter artifact at that step
+    step-00000120/adapter.safetensors   the adapter artifact at that step, in its training form
+                                        (prefix tuning's reparameterisation MLP unfolded)
     step-00000120/fusion.safetensors    instead, when a fusion trains: its artifact at that step
     step-00000120/base.safetensors      full fine-tuning only: the base model's weights
     step-00000120/trainer.safetensors   optimizer tensors and every process's RNG states
@@ -114,7 +115,7 @@ def save_checkpoint(
     if fusion:  # a fusion being trained (its members are fixed): its own artifact
         model.save_fusion(name, step_dir / "fusion.safetensors")
     else:
-        model.save_adapter(name, step_dir / "adapter.safetensors")
+        model.save_adapter(name, step_dir / "adapter.safetensors", resumable=True)  # training form, as it trains
     if full:
         save_tensors(step_dir / "base.safetensors", base_state(model))
     tensors, opt_doc = optimizer_to_files(optimizer)

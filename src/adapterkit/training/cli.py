@@ -77,6 +77,11 @@ def _register_train(subparsers: Any) -> None:
     p.add_argument("--lora-dora", action="store_true",
                    help="--kind lora: DoRA, a learned magnitude per output feature (PEFT's use_dora)")
     p.add_argument("--ia3-targets", help="--kind ia3: comma-separated, of k,v,ff (default: all three)")
+    p.add_argument("--prefix-projection", action="store_true",
+                   help="--kind prefix: train the prefixes through the reparameterisation MLP (PEFT's "
+                   "prefix_projection); the artifact holds them folded into plain prefixes")
+    p.add_argument("--prefix-hidden-size", type=int,
+                   help="--kind prefix --prefix-projection: the MLP's hidden width (default 512)")
     p.add_argument("--train-layer-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="train per-task layer-norm affines (default: yes for houlsby)")
     p.add_argument("--epochs", type=int, default=3)
@@ -177,6 +182,8 @@ def _check_train_options(args: argparse.Namespace) -> None:
         given = [flag for key, flag in _ADAPTER_OPTIONS.items() if getattr(args, key) is not None]
         given += ["--rslora"] if args.rslora else []
         given += ["--lora-dora"] if args.lora_dora else []
+        given += ["--prefix-projection"] if args.prefix_projection else []
+        given += ["--prefix-hidden-size"] if args.prefix_hidden_size is not None else []
         given += ["--leave-out"] if args.fusion_of and args.leave_out else []
         if given:
             raise ValueError(f"{mode}, not an adapter: {', '.join(given)} would be ignored; "
@@ -190,7 +197,7 @@ def _check_train_options(args: argparse.Namespace) -> None:
 
 
 def _kind_options(args: argparse.Namespace) -> dict:
-    """The LoRA / IA3 flags as AdapterConfig options; a flag of another kind is an error, not ignored."""
+    """The LoRA / IA3 / prefix flags as AdapterConfig options; a flag of another kind is an error, not ignored."""
     kind = args.kind or "houlsby"
     lora = {"--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets,
             "--rslora": args.rslora or None, "--lora-dora": args.lora_dora or None}
@@ -199,6 +206,12 @@ def _kind_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"{', '.join(given)} need --kind lora (got --kind {kind})")
     if args.ia3_targets is not None and kind != "ia3":
         raise ValueError(f"--ia3-targets needs --kind ia3 (got --kind {kind})")
+    prefix = [flag for flag, value in (("--prefix-projection", args.prefix_projection or None),
+                                       ("--prefix-hidden-size", args.prefix_hidden_size)) if value is not None]
+    if prefix and kind != "prefix":
+        raise ValueError(f"{', '.join(prefix)} need --kind prefix (got --kind {kind})")
+    if kind == "prefix":
+        return {"prefix_projection": args.prefix_projection, "prefix_hidden_size": args.prefix_hidden_size}
     if kind == "lora":
         if args.lora_r is not None and args.bottleneck_size is not None:
             raise ValueError("give --lora-r or --bottleneck-size, not both")
