@@ -33,12 +33,12 @@ for step in $steps; do
     tests)  # every CUDA case of the device tests, and the training loop on the GPU with a bf16 base
       run tests 240 python3 -m pytest -q -p no:cacheprovider tests/core/test_devices.py tests/train/test_train.py -k "device" ;;
     kinds)  # LoRA / IA3 / mixed kinds beside PEFT, MiniLM's shape and BERT-base, 32 (64) x 128
-      for dtype in float32 bfloat16; do
+      for dtype in ${DTYPES:-float32 bfloat16}; do
         run "kinds_$dtype" 150 python3 benchmarks/kinds_compare.py --device cuda --dtype "$dtype" --models minilm_shape,bertbase \
           --rounds 21 --tokens 128 --json "$out/kinds_$dtype.json"
       done ;;
     overhead)  # the serving shape (16 x 24 over 16 adapters, of one kind and of four) and mixed batches
-      for dtype in float32 bfloat16; do
+      for dtype in ${DTYPES:-float32 bfloat16}; do
         run "overhead_$dtype" 120 python3 benchmarks/overhead.py --device cuda --dtype "$dtype" --model minilm_shape \
           --rounds 15 --json "$out/overhead_$dtype.json"
       done ;;

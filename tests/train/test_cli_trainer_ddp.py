@@ -65,7 +65,12 @@ def test_cli_errors_are_one_line(tmp_path, tiny_bert, files, capsys):
     assert code == 2 and capsys.readouterr().err == "adapterkit train: error: batch_size must be >= 1; got 0\n"
 
 
-def test_hf_trainer_checkpoints_hold_only_the_adapter(tmp_path, tiny_bert, files):
+KIND_CONFIGS = {"houlsby": dict(kind="houlsby"), "dora": dict(kind="lora", targets=["q", "v", "down"], dora=True),
+                "ia3": dict(kind="ia3")}
+
+
+@pytest.mark.parametrize("kind", list(KIND_CONFIGS))
+def test_hf_trainer_checkpoints_hold_only_the_adapter(tmp_path, tiny_bert, files, kind):
     pytest.importorskip("accelerate")
     from transformers import TrainingArguments
 
@@ -77,8 +82,9 @@ def test_hf_trainer_checkpoints_hold_only_the_adapter(tmp_path, tiny_bert, files
     train_set, val_set = EncodedTask(train, tokenizer), EncodedTask(val, tokenizer)
     model = AdapterModel(AutoModel.from_pretrained(tiny_bert))
     torch.manual_seed(0)
-    model.add_adapter("s", AdapterConfig("houlsby"), head="classification", labels=train.labels)
+    model.add_adapter("s", AdapterConfig(**KIND_CONFIGS[kind]), head="classification", labels=train.labels)
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    initial = {k: v.clone() for k, v in model.adapters["s"].state_dict().items()}
     args = TrainingArguments(
         output_dir=str(tmp_path / "hf"), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=1e-2,
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="eval_loss",
@@ -94,6 +100,9 @@ def test_hf_trainer_checkpoints_hold_only_the_adapter(tmp_path, tiny_bert, files
     best = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["best_model_checkpoint"]
     saved = read_artifact(Path(best) / ARTIFACT_NAME).tensors
     assert all(torch.equal(v, saved[k]) for k, v in model.adapters["s"].state_dict().items())
+    trained = [k for k, v in model.adapters["s"].state_dict().items() if not torch.equal(v, initial[k])]
+    assert {k.rsplit(".", 1)[-1] for k in trained if k.startswith("layers.")} >= (  # every kind's own tensors learn
+        {"A", "B", "magnitude"} if kind == "dora" else {"l"} if kind == "ia3" else set()), trained
     assert all(torch.equal(v, base_before[k]) for k, v in model.base.state_dict().items())  # base untouched
     fresh = AdapterModel(AutoModel.from_pretrained(tiny_bert))
     fresh.load_adapter(Path(best) / ARTIFACT_NAME)
@@ -255,3 +264,49 @@ def test_serve_load_base_takes_sites(tiny_bert):
     bogus = '{"layers": ["encoder.layer"], "attn_out": ["no.such.module"], "ffn_in": ["intermediate"], "ffn_out": ["output.dense"], "norms": []}'
     with pytest.raises(ValueError, match="no.such.module|attn_out"):
         load_base(tiny_bert, "encoder", sites=parse_sites(bogus))
+
+
+KINDS_DDP_SCRIPT = '''
+import json, sys
+import torch
+import adapterkit.train as T
+from adapterkit import AdapterConfig, AdapterModel
+from adapterkit.data import load_task
+from transformers import AutoModel, AutoTokenizer
+
+folder, train_path, val_path, out, config = sys.argv[1:6]
+torch.set_num_threads(1)
+train, val = load_task(train_path), load_task(val_path)
+# no dropout: one process on 16 rows and two on 8 each then take the same steps, up to float rounding
+model = AdapterModel(AutoModel.from_pretrained(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+torch.manual_seed(0)
+model.add_adapter("s", AdapterConfig(**json.loads(config)), head="classification", labels=train.labels, head_dropout=0.0)
+T.fit(model, "s", train, val, AutoTokenizer.from_pretrained(folder), out,
+      T.TrainConfig(epochs=1, lr=1e-3, batch_size=16, progress=False))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dora", "ia3"])
+def test_ddp_trains_lora_dora_and_ia3_as_one_process_does(tmp_path, tiny_bert, kind):
+    """DDP takes every kind unchanged: two processes (8 rows each) end where one process (16 rows) does,
+    every tensor of the adapter (DoRA's magnitudes, IA3's scales) within float rounding."""
+    script = tmp_path / "ddp_kinds.py"
+    script.write_text(KINDS_DDP_SCRIPT)
+    data = [write_jsonl(tmp_path / "train.jsonl", make_sentiment(64, 0)), write_jsonl(tmp_path / "val.jsonl", make_sentiment(16, 1))]
+    args = [str(script), str(tiny_bert), *map(str, data)]
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one" / "s.safetensors", tmp_path / "two" / "s.safetensors"
+    config = json.dumps(KIND_CONFIGS[kind])
+    proc = _run_group([sys.executable, *args, str(one), config], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, str(two),
+                       config], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_artifact(one).tensors, read_artifact(two).tensors
+    fresh = AdapterModel(AutoModel.from_pretrained(tiny_bert))
+    torch.manual_seed(0)
+    start = fresh.add_adapter("s", AdapterConfig(**KIND_CONFIGS[kind]), head="classification", labels=["neg", "pos"])
+    assert set(a) == set(b) and any(not torch.equal(a[k], v) for k, v in start.state_dict().items())  # it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
