@@ -1,9 +1,10 @@
 """One batch, rows of different kinds and sizes: every row equals that row run alone (max abs diff <= 1e-5).
 
 The table: LoRA of rank 8 on q, v and of rank 64 on every projection (ranks zero-padded in one batch),
-a Houlsby bottleneck, IA3 and no adapter, in one forward and in ``generate`` (greedy and beams), on every
-architecture of the site table (forward), with gradients on and off, and with gradients reaching each
-row's own adapter exactly as when the row runs alone.
+a Houlsby bottleneck, IA3, prefix tuning (on every architecture that takes it: ``kinds/prefix.py``) and
+no adapter, in one forward and in ``generate`` (greedy and beams), on every architecture of the site
+table (forward), with gradients on and off, and with gradients reaching each row's own adapter exactly
+as when the row runs alone.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ CONFIGS = {
     "lora64": AdapterConfig("lora", bottleneck_size=64, targets=["q", "k", "v", "o", "up", "down"], alpha=8, rslora=True),
     "lora2": AdapterConfig("lora", bottleneck_size=2, targets=["k", "o", "down"], dropout=0.1),
 }
-ROWS = ["lora8", "houlsby", None, "ia3", "lora64", "lora2"]
+PREFIX = AdapterConfig("prefix", bottleneck_size=5, init_std=0.5)
+ROWS = ["lora8", "houlsby", None, "ia3", "prefix", "lora64", "lora2"]  # "prefix" where the base takes one
 # an encoder, decoders (fused Conv1D qkv; grouped-query attention) and encoder-decoders
 REPRESENTATIVE = ["bert", "gpt2", "llama", "t5", "bart"]
 
@@ -31,11 +33,21 @@ def _build(model_type: str, seed: int = 0, configs: dict | None = None) -> Adapt
     model = AdapterModel(tiny_model(model_type, seed=seed))
     for name, config in (configs or CONFIGS).items():
         model.add_adapter(name, config)
+    if configs is None:
+        try:
+            model.add_adapter("prefix", PREFIX)
+        except ValueError as e:  # architectures prefix tuning refuses, saying why
+            assert "prefix tuning" in str(e), e
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # far from the identity (LoRA's B starts at zero), so mistakes show
         for p in model.adapters.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
     return model.eval()
+
+
+def _rows(model: AdapterModel) -> list:
+    """``ROWS``, without the prefix row where the base takes no prefix."""
+    return [r for r in ROWS if r != "prefix" or r in model.adapters]
 
 
 def _row(inputs: dict, i: int) -> dict:
@@ -72,7 +84,7 @@ def _check_rows(model: AdapterModel, model_type: str, rows: list) -> None:
 def test_mixed_kinds_forward_every_architecture(model_type):
     model = _build(model_type)
     with torch.no_grad():
-        _check_rows(model, model_type, ROWS)
+        _check_rows(model, model_type, _rows(model))
 
 
 @pytest.mark.parametrize("model_type", REPRESENTATIVE)
@@ -80,8 +92,8 @@ def test_mixed_kinds_with_gradients(model_type):
     """Under autograd (weights stacked in the call's graph): outputs per row, and each adapter's
     gradient from the mixed batch equals the sum of its rows' gradients run alone."""
     model = _build(model_type, seed=1)
-    inputs = tiny_inputs(model_type, batch=len(ROWS))
-    rows = list(ROWS)
+    rows = _rows(model)
+    inputs = tiny_inputs(model_type, batch=len(rows))
     with torch.enable_grad():
         _check_rows(model, model_type, rows)
         params = {n: p for n, p in model.adapters.named_parameters()}
@@ -115,12 +127,13 @@ def _left_padded(batch: int, seed: int) -> dict:
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_mixed_kinds_generate_decoder(model_type, num_beams):
     model = _build(model_type)
-    inputs = _left_padded(len(ROWS), seed=3)
+    rows = _rows(model)
+    inputs = _left_padded(len(rows), seed=3)
     kw = dict(max_new_tokens=5, do_sample=False, num_beams=num_beams, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
-    mixed = model.generate(**inputs, adapter_names=ROWS, **kw)
+    mixed = model.generate(**inputs, adapter_names=rows, **kw)
     width = inputs["input_ids"].shape[1]
-    for i, name in enumerate(ROWS):
+    for i, name in enumerate(rows):
         pad = int((inputs["attention_mask"][i] == 0).sum())
         row = {k: v[i : i + 1, pad:] for k, v in inputs.items()}
         alone = model.generate(**row, adapter_names=[name], **kw)
@@ -135,10 +148,11 @@ def test_mixed_kinds_generate_decoder(model_type, num_beams):
 @pytest.mark.parametrize("model_type", ENCODER_DECODERS)
 def test_mixed_kinds_generate_encoder_decoder(model_type, num_beams):
     model = _build(model_type)
-    inputs = {k: v for k, v in tiny_inputs(model_type, batch=len(ROWS)).items() if k != "decoder_input_ids"}
+    rows = _rows(model)
+    inputs = {k: v for k, v in tiny_inputs(model_type, batch=len(rows)).items() if k != "decoder_input_ids"}
     kw = dict(max_new_tokens=5, do_sample=False, num_beams=num_beams, output_scores=True, return_dict_in_generate=True)
-    mixed = model.generate(**inputs, adapter_names=ROWS, **kw)
-    for i, name in enumerate(ROWS):
+    mixed = model.generate(**inputs, adapter_names=rows, **kw)
+    for i, name in enumerate(rows):
         alone = model.generate(**_row(inputs, i), adapter_names=[name], **kw)
         n = alone.sequences.shape[1]
         assert torch.equal(mixed.sequences[i, :n], alone.sequences[0]), (model_type, i, name)
