@@ -201,7 +201,7 @@ def test_training_steps_on_device(device, dtype):
     for p in params:
         p.requires_grad_(True)
     base = {k: v.clone() for k, v in model.base.state_dict().items()}
-    inputs = _inputs("llama", 4, device)
+    inputs = _inputs("llama", len(names), device)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
     for _ in range(8):
