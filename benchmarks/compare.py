@@ -415,14 +415,14 @@ def train_one(which: str, lib: str, steps: int) -> dict[str, float]:
     times = []
     for step in range(steps + 1):
         harness.synchronize()
-        t = time.perf_counter()
+        t = harness.clock()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(ids, mask, labels)
         loss.backward()
         opt.step()
         harness.synchronize()
         if step:  # the first step allocates optimizer state: untimed, but in the peak
-            times.append(time.perf_counter() - t)
+            times.append(harness.clock() - t)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     opt.zero_grad(set_to_none=True)
     tensor_peak = peak_tensor_bytes(model, opt, lambda: (loss_fn(ids, mask, labels).backward(), opt.step()))
@@ -452,7 +452,7 @@ def peak_tensor_bytes(model: nn.Module, opt: torch.optim.Optimizer, step: Callab
     return sum(storages.values()) + peak
 
 
-def bench_training(which: str, rounds: int, steps: int, threads: int) -> dict[str, float]:
+def bench_training(which: str, rounds: int, steps: int, threads: int, clock_name: str = "wall") -> dict[str, float]:
     """Each library's training step in its own process; processes interleaved over rounds."""
     samples: dict[str, list[float]] = {lib: [] for lib in TRAIN_LIBRARIES}
     peaks: dict[str, list[float]] = {lib: [] for lib in TRAIN_LIBRARIES}
@@ -463,7 +463,8 @@ def bench_training(which: str, rounds: int, steps: int, threads: int) -> dict[st
         order = TRAIN_LIBRARIES[k:] + TRAIN_LIBRARIES[:k]
         for lib in order:
             cmd = [sys.executable, __file__, "--train-one", which, lib, "--steps", str(steps), "--threads", str(threads),
-                   "--device", str(harness.device()), "--dtype", str(harness.dtype()).removeprefix("torch.")]
+                   "--device", str(harness.device()), "--dtype", str(harness.dtype()).removeprefix("torch."),
+                   "--clock", clock_name]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:
                 raise RuntimeError(f"training {lib} on {which} failed:\n{proc.stderr[-3000:]}")
@@ -588,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=harness.MODELS, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="float32", choices=tuple(harness.DTYPES), help="the base models' dtype")
+    parser.add_argument("--clock", choices=tuple(harness.CLOCKS), default="wall",
+                        help="time the inference rounds in wall time, or in this process's CPU time")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of the inference timings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mixed-rounds", type=int, default=None, help="rounds of the mixed-batch timings")
@@ -597,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-one", nargs=2, metavar=("MODEL", "LIBRARY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    harness.use_device(args.device, args.dtype)
+    harness.use_device(args.device, args.dtype, args.clock)
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     if args.train_one:
@@ -609,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float | str] = {
         "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
         "adapters": adapters.__version__ if adapters else "not installed", "peft": peft.__version__,
-        "quick": args.quick, **harness.describe(),
+        "quick": args.quick, "clock": args.clock, **harness.describe(),
     }
     started = time.time()
     for m in models:
@@ -627,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             out.update(bench_storage(m))
         if "train" in args.measures:
             train_rounds = args.train_rounds or (1 if args.quick else 2)  # one process per round: outliers happen
-            out.update(bench_training(m, train_rounds, args.steps or 3, args.threads))
+            out.update(bench_training(m, train_rounds, args.steps or 3, args.threads, args.clock))
         results.update({f"{m}_{k}": v for k, v in out.items()})
         print(f"[{m} done after {time.time() - started:.0f} s]", file=sys.stderr)
     results["seconds"] = time.time() - started

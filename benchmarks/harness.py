@@ -26,14 +26,20 @@ Timings = dict[str, list[float]]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = ("minilm", "minilm_shape", "bertbase")
 
-_target = {"device": torch.device("cpu"), "dtype": torch.float32}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+_target = {"device": torch.device("cpu"), "dtype": torch.float32, "clock": time.perf_counter}
 
 
-def use_device(device: str = "cpu", dtype: str = "float32") -> None:
-    """Where ``load_base`` puts models and ``random_ids`` puts inputs, and what ``interleaved`` waits for."""
+def use_device(device: str = "cpu", dtype: str = "float32", clock: str = "wall") -> None:
+    """Where ``load_base`` puts models and ``random_ids`` puts inputs, what ``interleaved`` waits for,
+    and what it reads: wall time, or this process's CPU seconds (``cpu``: on a machine other jobs
+    load, time spent waiting for a core then counts for nothing; use one thread, so none spins)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    _target["device"], _target["dtype"] = torch.device(device), DTYPES[dtype]
+    if clock not in CLOCKS or (clock == "cpu" and torch.device(device).type != "cpu"):
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)} (cpu only on the CPU); got {clock!r}")
+    _target["device"], _target["dtype"], _target["clock"] = torch.device(device), DTYPES[dtype], CLOCKS[clock]
 
 
 def device() -> torch.device:
@@ -42,6 +48,11 @@ def device() -> torch.device:
 
 def dtype() -> torch.dtype:
     return _target["dtype"]
+
+
+def clock() -> float:
+    """The chosen clock's reading, in seconds."""
+    return _target["clock"]()
 
 
 def describe() -> dict[str, str]:
@@ -96,11 +107,11 @@ def synchronize() -> None:
         torch.cuda.synchronize(device())
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter) -> Timings:
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float] | None = None) -> Timings:
     """Seconds per call of each variant, one sample per round, in rotating interleaved order after
-    one untimed warm-up each (caches, allocator, oneDNN primitives, CUDA kernels). ``clock``: wall
-    time, or ``time.process_time`` (this process's CPU seconds: steadier on a machine other jobs share;
-    meaningless on a GPU, which the process waits for)."""
+    one untimed warm-up each (caches, allocator, oneDNN primitives, CUDA kernels). ``clock``: default
+    the one ``use_device`` chose (wall time unless told otherwise)."""
+    clock = clock or _target["clock"]
     names = list(variants)
     with torch.inference_mode():
         for name in names:

@@ -28,7 +28,6 @@ import copy
 import json
 import pathlib
 import sys
-import time
 
 import peft
 import torch
@@ -71,7 +70,7 @@ def build(which: str, tasks: int):
     return bare, ak, pf, pf_ia3, names, list(mixed_kinds)
 
 
-def run(which: str, rounds: int, tokens: int, clock=time.perf_counter) -> dict[str, float]:
+def run(which: str, rounds: int, tokens: int) -> dict[str, float]:
     bare, ak, pf, pf_ia3, names, kinds = build(which, 64)
     out: dict[str, float] = {}
 
@@ -86,7 +85,7 @@ def run(which: str, rounds: int, tokens: int, clock=time.perf_counter) -> dict[s
         "lora_peft": lambda: hidden(pf, ids),
         "ia3_adapterkit": lambda: hidden(ak, ids, adapter_names="ia3"),
         "ia3_peft": lambda: hidden(pf_ia3, ids),
-    }, rounds, clock)
+    }, rounds)
     out[f"{which}_base_latency_ms"] = 1000 * median(t["base"])
     for key in ("lora_adapterkit", "lora_peft", "ia3_adapterkit", "ia3_peft"):
         kind, lib = key.split("_")
@@ -104,7 +103,7 @@ def run(which: str, rounds: int, tokens: int, clock=time.perf_counter) -> dict[s
         "mixed64_pf": lambda: hidden(pf, ids, adapter_names=each),
         "houlsby": lambda: hidden(ak, ids, adapter_names="h16"),
         "kinds": lambda: hidden(ak, ids, adapter_names=kinds64),
-    }, rounds, clock)
+    }, rounds)
     for lib, short in (("adapterkit", "ak"), ("peft", "pf")):
         r, s = ratio_stats(t[f"single_{short}"], t[f"mixed64_{short}"])
         out[f"{which}_lora_mixed64_ratio_{lib}"], out[f"{which}_lora_mixed64_ratio_spread_{lib}"] = r, s
@@ -114,7 +113,7 @@ def run(which: str, rounds: int, tokens: int, clock=time.perf_counter) -> dict[s
         "mixed_ak": lambda: hidden(ak, ids256, adapter_names=by8),
         "single_pf": lambda: hidden(pf, ids256),
         "mixed_pf": lambda: hidden(pf, ids256, adapter_names=by8),
-    }, max(3, rounds // 2), clock)
+    }, max(3, rounds // 2))
     for lib, short in (("adapterkit", "ak"), ("peft", "pf")):
         r, s = ratio_stats(t[f"single_{short}"], t[f"mixed_{short}"])
         out[f"{which}_lora_mixed8x32_ratio_{lib}"], out[f"{which}_lora_mixed8x32_ratio_spread_{lib}"] = r, s
@@ -140,15 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    harness.use_device(args.device, args.dtype)
+    harness.use_device(args.device, args.dtype, args.clock)
     models = (args.models or ("minilm" if args.quick else "minilm,bertbase")).split(",")
     rounds = args.rounds or (7 if args.quick else 15)
     tokens = args.tokens or (32 if args.quick else 128)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     results: dict[str, float | str] = {"rounds": rounds, "tokens": tokens, "threads": args.threads, "clock": args.clock,
                                        **harness.describe(), "torch": torch.__version__, "peft": peft.__version__}
     for which in models:
-        results.update(run(which, rounds, tokens, clock))
+        results.update(run(which, rounds, tokens))
     width = max(len(k) for k in results)
     for k, v in results.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")

@@ -154,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="float32", choices=tuple(harness.DTYPES), help="the base model's dtype")
+    parser.add_argument("--clock", choices=tuple(harness.CLOCKS), default="wall",
+                        help="time the inference rounds in wall time, or in this process's CPU time")
     parser.add_argument("--model", default="minilm", choices=("minilm", "minilm_shape"),
                         help="minilm_shape: MiniLM's shape, randomly initialised (where its wheel is not installed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    harness.use_device(args.device, args.dtype)
-    results: dict[str, float | str] = {"threads": args.threads, "torch": torch.__version__, **harness.describe()}
+    harness.use_device(args.device, args.dtype, args.clock)
+    results: dict[str, float | str] = {"threads": args.threads, "clock": args.clock, "torch": torch.__version__,
+                                       **harness.describe()}
     started = time.time()
     results.update(bench_model(args.model, args.rounds or (5 if args.quick else 9), args.quick))
     if not args.quick:
