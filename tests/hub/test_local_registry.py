@@ -99,6 +99,37 @@ def test_search_filters(registry: LocalRegistry, tmp_path: Path) -> None:
     assert len(registry.search(limit=2)) == 2
 
 
+def test_every_kind_publishes_is_found_by_kind_and_loads_back(registry: LocalRegistry, tmp_path: Path) -> None:
+    """Artifacts of every kind, as save_adapter writes them (DoRA, prefix with its reparameterisation MLP
+    folded): the hub checks, indexes and serves them all alike; search by kind finds each."""
+    import torch
+    from tinymodels import tiny_inputs, tiny_model
+
+    from adapterkit import AdapterConfig, AdapterModel
+
+    configs = {"houlsby": AdapterConfig("houlsby"), "lora": AdapterConfig("lora", targets=["q", "v", "down"], dora=True),
+               "ia3": AdapterConfig("ia3"), "prefix": AdapterConfig("prefix", bottleneck_size=4, prefix_projection=True,
+                                                                  prefix_hidden_size=16)}
+    model = AdapterModel(tiny_model("bert")).eval()
+    g = torch.Generator().manual_seed(0)
+    for kind, config in configs.items():
+        adapter = model.add_adapter(kind, config, head="classification", labels=["neg", "pos"])
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        registry.publish(model.save_adapter(kind, tmp_path / f"{kind}.safetensors"), f"team/{kind}-task")
+    for kind in configs:
+        assert [v.adapter for v in registry.search(kind=kind)] == [f"team/{kind}-task"]
+        assert registry.info(f"team/{kind}-task").kind == kind
+    inputs = tiny_inputs("bert")
+    fresh = AdapterModel(tiny_model("bert")).eval()
+    with torch.no_grad():
+        for kind in configs:
+            fresh.load_adapter(registry.download(f"team/{kind}-task@1"), name=kind)
+            torch.testing.assert_close(fresh(**inputs, adapter_names=kind).logits,
+                                       model(**inputs, adapter_names=kind).logits, atol=1e-6, rtol=0)
+
+
 def test_declared_base_must_match(registry: LocalRegistry, artifact: Path) -> None:
     fp = fingerprint()
     assert registry.publish(artifact, "team/a", base=fp).base_id == fp["id"]
