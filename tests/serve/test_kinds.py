@@ -1,4 +1,4 @@
-"""The server batches rows of different adapter kinds (LoRA, IA3, bottlenecks) into one forward pass,
+"""The server batches rows of different adapter kinds (LoRA, DoRA, IA3, prefix, bottlenecks) into one forward pass,
 and each answer equals that request run alone in this process."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ KINDS = {
     "lora32": ak.AdapterConfig("lora", bottleneck_size=32, targets=["q", "k", "v", "o", "up", "down"]),
     "ia3": ak.AdapterConfig("ia3"),
     "houlsby": ak.AdapterConfig("houlsby", bottleneck_size=16),
+    "dora": ak.AdapterConfig("lora", bottleneck_size=4, targets=["q", "v", "down"], dora=True),
+    "prefix": ak.AdapterConfig("prefix", bottleneck_size=6),
 }
 LABELS = ["neg", "pos", "other"]
 ROWS = [
@@ -29,6 +31,8 @@ ROWS = [
     {"adapter": "lora32", "text": "terrible plot and worse acting, truly a waste of an evening"},
     {"adapter": "lora8", "text": "the match was won in extra time"},
     {"adapter": "ia3", "text": "what time does the shop open?"},
+    {"adapter": "prefix", "text": "the orchestra played a new symphony"},
+    {"adapter": "dora", "text": "rain is expected over the weekend"},
 ]
 
 
