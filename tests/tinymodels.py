@@ -127,6 +127,35 @@ FAMILY: dict[str, str] = {
 }
 
 
+def _interleaved(blocks: int, order: str, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Output rows of each of q, k, v in a fused projection of ``blocks`` blocks, each laid out as
+    ``order`` with ``sizes`` rows per letter (written out here, apart from ``sites.Part``)."""
+    width = blocks * sum(sizes[c] for c in order)
+    rows, start = {}, 0
+    for c in order:
+        rows[f"attn_{c}"] = torch.cat([torch.arange(b * width // blocks + start, b * width // blocks + start + sizes[c])
+                                       for b in range(blocks)])
+        start += sizes[c]
+    return rows
+
+
+# model_type -> role -> the output rows of its fused projection the role owns, read off each model's
+# attention code (heads 4, key/value heads 2 where grouped, head dim 8, FFN 37, as the configs above)
+FUSED_ROWS: dict[str, dict[str, torch.Tensor]] = {
+    "gpt2": _interleaved(1, "qkv", dict(q=32, k=32, v=32)),  # c_attn: [q; k; v]
+    "modernbert": {**_interleaved(1, "qkv", dict(q=32, k=32, v=32)),  # Wi: [act(input); gate], its own names
+                   "ffn_gate": torch.arange(0, 37), "ffn_up": torch.arange(37, 74)},
+    "gpt_bigcode": _interleaved(1, "qkv", dict(q=32, k=8, v=8)),  # multi-query: one key and value head
+    "phi3": {**_interleaved(1, "qkv", dict(q=32, k=16, v=16)),  # grouped-query widths
+             "ffn_gate": torch.arange(0, 37), "ffn_up": torch.arange(37, 74)},  # gate_up_proj: [gate; up]
+    "bloom": _interleaved(4, "qkv", dict(q=8, k=8, v=8)),  # (heads, 3, head_dim)
+    "gpt_neox": _interleaved(4, "qkv", dict(q=8, k=8, v=8)),
+    "deberta": _interleaved(4, "qkv", dict(q=8, k=8, v=8)),  # in_proj, then q_bias / v_bias added
+    "falcon": _interleaved(2, "qkv", dict(q=16, k=8, v=8)),  # per key/value head: its 2 queries, key, value
+    "codegen": _interleaved(4, "qvk", dict(q=8, k=8, v=8)),  # 4 model-parallel blocks of [q; v; k]
+}
+
+
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     kwargs, auto = TINY[model_type]
     torch.manual_seed(seed)

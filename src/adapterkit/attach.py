@@ -31,7 +31,7 @@ from torch import nn
 
 from .kinds import KINDS, POSITIONS
 from .routing import current_route, routed
-from .sites import LayerSites, apply_at_site, backbone
+from .sites import LayerSites, Part, apply_at_site, backbone
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -104,7 +104,7 @@ class RoutedCheckpoint:
         return self.checkpoint(run, *args, **kwargs)
 
 
-def _site_hook(owner: weakref.ref, layer: int, position: str, part: slice | None, flat: bool):
+def _site_hook(owner: weakref.ref, layer: int, position: str, part: Part | None, flat: bool):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor):
         model = owner()
         route = model._route() if model is not None else None
@@ -112,14 +112,15 @@ def _site_hook(owner: weakref.ref, layer: int, position: str, part: slice | None
             return None
         if part is None:  # (tuple outputs and flattened tokens: see apply_at_site)
             return apply_at_site(route, layer, position, out, flat)
-        # a fused projection (GPT-2's c_attn): this position owns its part of the output
-        view = out[..., part]
+        # a fused projection (GPT-2's c_attn): this position owns its rows of the output, (..., size):
+        # a view of one block, or a copy of rows interleaved per head
+        view = part.take(out)
         new = route.apply_site(layer, position, view)
         if new is None or new.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             return None  # nothing to do, or done in place in this part
         if torch.is_grad_enabled():
             out = out.clone()  # the hooked output may be saved for backward
-        out[..., part] = new
+        part.put(out, new)
         return out
 
     return hook
@@ -228,7 +229,7 @@ class Attachment:
                     # (LoRA on that projection) reads the rewritten input, as the merged weights would
                     self.handles.append(target.register_forward_pre_hook(hook, prepend=True))
                 else:
-                    hook = _site_hook(self.owner, ls.index, position, ls.slices.get(where.output), flat)
+                    hook = _site_hook(self.owner, ls.index, position, ls.parts.get(where.output), flat)
                     # A projection's own change (LoRA, IA3: fed by its input) runs before any
                     # bottleneck on the same module's output, whatever the hooking order: composed
                     # rows (Stack) see one fixed order of the two

@@ -64,10 +64,11 @@ from .fusion import (
     write_fusion,
 )
 from .heads import head_loss
-from .kinds import POSITIONS
+from .kinds import POSITIONS, get_kind
 from .routing import NO_ADAPTERS, NoAdapters, Route, apply_heads, current_route, routed, rows_with_heads
 from .site_check import verify_sites, warn_if_no_norms
 from .sites import (
+    LayerSites,
     SiteSpec,
     UnknownArchitecture,
     backbone,
@@ -235,7 +236,7 @@ class AdapterModel(nn.Module):
             bind = getattr(module, "bind_projection", None)  # DoRA reads the projection's weight
             if bind is not None and isinstance(position, str):
                 ls, role = self.layer_sites[layer], POSITIONS[position].output
-                bind(getattr(ls, role), ls.slices.get(role))
+                bind(getattr(ls, role), ls.parts.get(role))
         self._attach_hooks(positions)
         return adapter
 
@@ -270,22 +271,45 @@ class AdapterModel(nn.Module):
         return out
 
     def _site_dims(self, kind: str, positions: Sequence[str]) -> list[dict[str, tuple[int, int]]]:
-        """Per layer: position -> (in, out) features of the projection there; a clear error where this
-        architecture's row of the site table names no module for a targeted position."""
+        """Per layer: position -> (in, out) features of the projection there; a clear error, naming the
+        targets this architecture does take, where its row of the site table names no module for a
+        targeted position, or names one that is no single projection (a mixture of experts' block)."""
         dims = []
         for ls in self.layer_sites:
             per_layer = {}
             for position in positions:
                 role = POSITIONS[position].output
-                size = ls.dims(role)
+                try:
+                    size = ls.dims(role)
+                except UnknownArchitecture:  # a module that is no linear projection
+                    raise self._no_projection(kind, position, ls, named=True) from None
                 if size is None:
-                    raise ValueError(
-                        f"{kind} target {position!r} needs the {role} projection, which the site table row for "
-                        f"{self.base.config.model_type!r} does not name (layer {ls.path}); pick other targets"
-                    )
+                    raise self._no_projection(kind, position, ls, named=False)
                 per_layer[position] = size
             dims.append(per_layer)
         return dims
+
+    def _no_projection(self, kind: str, position: str, ls: LayerSites, named: bool) -> ValueError:
+        """The error for a target without a projection on this architecture: the row names none for its
+        role, or (``named``) names a module that is not one; with the targets the layer does take."""
+        role = POSITIONS[position].output
+        model_type = self.base.config.model_type
+        # a row whose FFN output is its FFN input module: one mixture-of-experts block, no projections
+        moe = (f" (its FFN is one mixture-of-experts block, {type(ls.ffn_out).__name__}: each token goes through "
+               f"its own experts' projections, none of them the FFN's)" if role.startswith("ffn") and ls.ffn_out is ls.ffn_in else "")
+        here = []
+        for other in get_kind(kind).sites:
+            try:
+                if ls.dims(POSITIONS[other].output) is not None:
+                    here.append(other)
+            except UnknownArchitecture:
+                pass
+        takes = f"this architecture takes {kind} targets {', '.join(here)}" if here else f"it takes no {kind} targets"
+        if named:
+            return ValueError(f"{kind} target {position!r} acts on the {role} module of {model_type!r} (layer {ls.path}: "
+                              f"{ls.names.get(role)}), which is not one linear projection{moe}; {takes}")
+        return ValueError(f"{kind} target {position!r} needs the {role} projection, which the site table row for "
+                          f"{model_type!r} does not name (layer {ls.path}){moe}; {takes}")
 
     def add_adapter(
         self,
@@ -418,10 +442,15 @@ class AdapterModel(nn.Module):
                     if p is not None and id(p) not in saved:
                         saved[id(p)] = (p, p.detach().clone())
                 w = weight if isinstance(target, nn.Linear) else weight.t()  # Conv1D keeps (in, out)
-                part = ls.slices.get(role)
-                if part is not None:
-                    w, bias = w[part], None if bias is None else bias[part]
-                module.merge_into(w, bias)
+                part = ls.parts.get(role)
+                if part is None:
+                    module.merge_into(w, bias)
+                else:  # its rows of a fused projection (a copy where they interleave): merged, put back
+                    w_part, b_part = part.take(w, 0), None if bias is None else part.take(bias, 0)
+                    module.merge_into(w_part, b_part)
+                    part.put(w, w_part, 0)
+                    if bias is not None:
+                        part.put(bias, b_part, 0)
                 module.merged = True
         self._merged = (name, list(saved.values()))
         self._active, self._active_entry = Route.for_rows([adapter]), name

@@ -24,14 +24,23 @@ Optional roles, for the kinds that act on projections inside a sublayer (LoRA, I
 them still serves the bottleneck kinds, and a kind that targets a role the row lacks says so:
 
 - ``attn_q`` / ``attn_k`` / ``attn_v``: the self-attention's query, key and value projections.
-- ``attn_qkv``: one fused projection whose output is [q; k; v] in equal thirds (GPT-2's ``c_attn``),
-  for rows without separate ones; each of q, k, v then acts on its third of the output.
+- ``attn_qkv``: one fused projection computing q, k and v, for rows without separate ones; each of
+  q, k, v then owns its rows of the output (a ``Part``). The query is as wide as the attention output
+  projection's input (heads x head dim), key and value share the rest equally (grouped-query and
+  multi-query widths follow). ``qkv_groups``: the output is that many equal blocks, each holding its
+  q, k and v rows in ``qkv_order``: 1 (the default) for [q; k; v] (GPT-2's ``c_attn``, Phi-3's
+  ``qkv_proj``), ``"kv_heads"`` for one block per key/value head, counted from the config's
+  ``num_attention_heads`` and the widths (Bloom and GPT-NeoX's per-head (heads, 3, head_dim),
+  Falcon's per-group queries then key then value), or a number (CodeGen's 4 model-parallel blocks,
+  each [q; v; k]).
 - ``ffn_up``: the FFN's input projection (``up_proj`` of a gated FFN); ``ffn_gate``: its gate
-  projection, where the FFN is gated.
+  projection, where the FFN is gated (the one the activation is applied to, as Llama's ``gate_proj``).
+  ``ffn_gate_up``: one fused projection whose output is [gate; up] in halves (Phi-3's ``gate_up_proj``,
+  ModernBERT's ``Wi``), for rows without separate ones.
 
 Adding an architecture is one more row; ``tests/core/test_architectures.py`` checks every row on a
-tiny model under both supported transformers versions, and ``docs/architectures.md`` is generated
-from this table (``python -m adapterkit.sites``).
+tiny model under both supported transformers versions (``test_every_kind.py`` with every adapter kind), and
+``docs/architectures.md`` is generated from this table (``python -m adapterkit.coverage``).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ SITES_VERSION = 1
 
 # Optional roles (see the module docstring): resolved when the row names them, else None.
 PROJECTION_ROLES = ("attn_q", "attn_k", "attn_v", "ffn_up", "ffn_gate")
+_FUSED = ("attn_qkv", "ffn_gate_up")  # fused modules serving several of those roles
 
 
 @dataclass(frozen=True)
@@ -65,13 +75,16 @@ class SiteSpec:
     attn_k: tuple[str, ...] = ()
     attn_v: tuple[str, ...] = ()
     attn_qkv: tuple[str, ...] = ()
+    qkv_groups: int | str = 1
+    qkv_order: str = "qkv"
     ffn_up: tuple[str, ...] = ()
     ffn_gate: tuple[str, ...] = ()
+    ffn_gate_up: tuple[str, ...] = ()
     flat: tuple[str, ...] = ()
     shared: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("layers", "attn_out", "ffn_in", "ffn_out", "norms", "flat", *PROJECTION_ROLES, "attn_qkv"):
+        for f in ("layers", "attn_out", "ffn_in", "ffn_out", "norms", "flat", *PROJECTION_ROLES, *_FUSED):
             value = getattr(self, f)
             if isinstance(value, str):
                 value = (value,)
@@ -85,6 +98,11 @@ class SiteSpec:
             raise ValueError(f"SiteSpec.pooling must be 'first', 'last' or null; got {self.pooling!r}")
         if not isinstance(self.shared, bool):
             raise ValueError(f"SiteSpec.shared must be true or false; got {self.shared!r}")
+        groups = self.qkv_groups
+        if groups != "kv_heads" and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+            raise ValueError(f"SiteSpec.qkv_groups must be a positive integer or 'kv_heads'; got {groups!r}")
+        if not isinstance(self.qkv_order, str) or sorted(self.qkv_order) != ["k", "q", "v"]:
+            raise ValueError(f"SiteSpec.qkv_order must order the letters q, k, v; got {self.qkv_order!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -185,6 +203,8 @@ _BLOOM_LIKE = SiteSpec(
     ffn_out=("mlp.dense_4h_to_h",),
     norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),  # Falcon: ln_attn / ln_mlp
     pooling="last",
+    attn_qkv=("self_attention.query_key_value",),
+    qkv_groups="kv_heads",  # Bloom: (heads, 3, head_dim); Falcon: per key/value head, its queries then k, v
     ffn_up=('mlp.dense_h_to_4h',),
 )
 _BART_LIKE = SiteSpec(
@@ -218,9 +238,9 @@ _T5_LIKE = SiteSpec(
     ffn_out=("layer.2.DenseReluDense.wo", "layer.1.DenseReluDense.wo"),
     norms=("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm"),
     pooling=None,
-    attn_q=("layer.0.SelfAttention.q",),
-    attn_k=("layer.0.SelfAttention.k",),
-    attn_v=("layer.0.SelfAttention.v",),
+    attn_q=("layer.0.SelfAttention.q", "layer.0.LocalSelfAttention.q", "layer.0.TransientGlobalSelfAttention.q"),
+    attn_k=("layer.0.SelfAttention.k", "layer.0.LocalSelfAttention.k", "layer.0.TransientGlobalSelfAttention.k"),
+    attn_v=("layer.0.SelfAttention.v", "layer.0.LocalSelfAttention.v", "layer.0.TransientGlobalSelfAttention.v"),
     # decoder blocks first (their FFN is layer.2); gated FFNs (T5 v1.1): wi_1 is up, wi_0 the gate
     ffn_up=("layer.2.DenseReluDense.wi", "layer.1.DenseReluDense.wi",
             "layer.2.DenseReluDense.wi_1", "layer.1.DenseReluDense.wi_1"),
@@ -259,7 +279,7 @@ SITES: dict[str, SiteSpec] = {
     "ernie": _BERT_LIKE,
     "electra": _BERT_LIKE,
     "rembert": _BERT_LIKE,
-    "deberta": _BERT_LIKE,
+    "deberta": replace(_BERT_LIKE, attn_qkv=("attention.self.in_proj",), qkv_groups="kv_heads"),  # (heads, 3, head_dim)
     "deberta-v2": _BERT_LIKE,
     "roberta-prelayernorm": SiteSpec(
         layers=("encoder.layer",),
@@ -335,10 +355,11 @@ SITES: dict[str, SiteSpec] = {
         ffn_out=("mlp.Wo",),
         norms=("attn_norm", "mlp_norm"),  # layer 0's attn_norm is an Identity: skipped
         attn_qkv=('attn.Wqkv',),
+        ffn_gate_up=("mlp.Wi",),  # [activated half; linear half], which ModernBERT calls input and gate
     ),
     # decoders
     "gpt2": _GPT2_LIKE,
-    "gpt_bigcode": _GPT2_LIKE,
+    "gpt_bigcode": replace(_GPT2_LIKE, qkv_groups="kv_heads"),  # multi-query [q; k; v], else (heads, 3, head_dim)
     "gpt_neo": SiteSpec(
         layers=("h",),
         attn_out=("attn.attention.out_proj",),
@@ -352,7 +373,7 @@ SITES: dict[str, SiteSpec] = {
         ffn_up=('mlp.c_fc',),
     ),
     "gptj": _GPTJ_LIKE,
-    "codegen": _GPTJ_LIKE,
+    "codegen": replace(_GPTJ_LIKE, attn_qkv=("attn.qkv_proj",), qkv_groups=4, qkv_order="qvk"),  # 4 blocks of [q; v; k]
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -362,7 +383,7 @@ SITES: dict[str, SiteSpec] = {
     "helium": _LLAMA_LIKE,
     "smollm3": _LLAMA_LIKE,
     "olmo": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
+    "phi3": replace(_LLAMA_LIKE, attn_qkv=("self_attn.qkv_proj",), ffn_gate_up=("mlp.gate_up_proj",)),
     "stablelm": _LLAMA_LIKE,
     "cohere": _LLAMA_LIKE,  # one norm: attention and FFN run in parallel off it
     "olmo2": SiteSpec(  # OLMo 2 norms the sublayers' outputs, not their inputs
@@ -415,6 +436,8 @@ SITES: dict[str, SiteSpec] = {
         ffn_out=("mlp.dense_4h_to_h",),
         norms=("input_layernorm", "post_attention_layernorm"),
         pooling="last",
+        attn_qkv=("attention.query_key_value",),
+        qkv_groups="kv_heads",  # (heads, 3, head_dim)
         ffn_up=('mlp.dense_h_to_4h',),
     ),
     "bloom": _BLOOM_LIKE,
@@ -478,12 +501,61 @@ REFUSED: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class Part:
+    """The rows of a fused projection's output (its features) that one role owns: the output, ``groups``
+    blocks of ``block`` features each, gives this role features [start, stop) of every block.
+
+    One block is a plain slice (GPT-2's [q; k; v]); one block per head interleaves them (Bloom's
+    (heads, 3, head_dim)). The same rows index the projection's (out, in) weight and its bias, so an
+    update confined to them (LoRA's B, IA3's scaling, DoRA's norms per output feature) is exact.
+    """
+
+    groups: int
+    block: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        """How many output features the role owns."""
+        return self.groups * (self.stop - self.start)
+
+    @property
+    def width(self) -> int:
+        """The fused projection's output features."""
+        return self.groups * self.block
+
+    def take(self, t: Tensor, dim: int = -1) -> Tensor:
+        """This part of ``t`` along ``dim`` (``width`` there -> ``size``): a view for one block (writes
+        reach ``t``), else a copy (write it back with ``put``)."""
+        dim = dim % t.dim()
+        if self.groups == 1:
+            return t.narrow(dim, self.start, self.stop - self.start)
+        blocks = t.unflatten(dim, (self.groups, self.block))  # (..., groups, block, ...)
+        return blocks.narrow(dim + 1, self.start, self.stop - self.start).flatten(dim, dim + 1)
+
+    def put(self, t: Tensor, value: Tensor, dim: int = -1) -> None:
+        """Write ``value`` (``size`` along ``dim``) into this part of ``t``, in place; nothing to do when
+        ``value`` is ``take``'s view of ``t`` itself."""
+        dim = dim % t.dim()
+        n = self.stop - self.start
+        if self.groups == 1:
+            target = t.narrow(dim, self.start, n)
+        else:
+            target = t.unflatten(dim, (self.groups, self.block)).narrow(dim + 1, self.start, n)
+            value = value.unflatten(dim, (self.groups, n))
+        if value.data_ptr() == target.data_ptr() and value.stride() == target.stride():
+            return
+        target.copy_(value)
+
+
 @dataclass
 class LayerSites:
     """The modules of one transformer layer that adapters attach to.
 
-    ``slices`` maps a role served by a part of a fused module's output (GPT-2's ``c_attn`` for
-    ``attn_q`` / ``attn_k`` / ``attn_v``) to that part's columns. ``names``: role -> the module's name
+    ``parts`` maps a role served by part of a fused module's output (GPT-2's ``c_attn`` for
+    ``attn_q`` / ``attn_k`` / ``attn_v``) to its rows there. ``names``: role -> the module's name
     within the layer. ``flat``: the roles and norm names whose modules see tokens flattened to (B·T, d).
     """
 
@@ -498,7 +570,7 @@ class LayerSites:
     attn_v: nn.Module | None = None
     ffn_up: nn.Module | None = None
     ffn_gate: nn.Module | None = None
-    slices: dict[str, slice] = field(default_factory=dict)
+    parts: dict[str, Part] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
     flat: frozenset[str] = frozenset()
 
@@ -509,10 +581,8 @@ class LayerSites:
         if module is None:
             return None
         n_in, n_out = linear_dims(module)
-        part = self.slices.get(role)
-        if part is not None:
-            n_out = part.stop - part.start
-        return n_in, n_out
+        part = self.parts.get(role)
+        return n_in, (n_out if part is None else part.size)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -616,20 +686,54 @@ def find_layers(model: nn.Module, spec: SiteSpec) -> list[LayerSites]:
                 if hit is not None:
                     names[role] = hit[0]
                 setattr(sites, role, None if hit is None else hit[1])
-            fused = _first(modules, spec.attn_qkv)
-            if fused is not None and sites.attn_q is None:
-                width = linear_dims(fused[1])[1]
-                if width % 3:
-                    raise UnknownArchitecture(f"{type(model).__name__}: {path}.{fused[0]} has {width} outputs, not [q; k; v] thirds")
-                third = width // 3
-                for k, role in enumerate(("attn_q", "attn_k", "attn_v")):
-                    setattr(sites, role, fused[1])
-                    sites.slices[role] = slice(k * third, (k + 1) * third)
-                    names[role] = fused[0]
+            fused = {}
+            qkv = _first(modules, spec.attn_qkv)
+            if qkv is not None and sites.attn_q is None:
+                fused[qkv] = _qkv_parts(model, spec, f"{path}.{qkv[0]}", qkv[1], picked["attn_out"])
+            gate_up = _first(modules, spec.ffn_gate_up)
+            if gate_up is not None and sites.ffn_up is None:
+                half = _halves(f"{path}.{gate_up[0]}", gate_up[1])
+                fused[gate_up] = {"ffn_gate": Part(1, 2 * half, 0, half), "ffn_up": Part(1, 2 * half, half, 2 * half)}
+            for (name, module), parts in fused.items():
+                for role, part in parts.items():
+                    setattr(sites, role, module)
+                    sites.parts[role] = part
+                    names[role] = name
             sites.names = names
             sites.flat = frozenset([r for r, n in names.items() if n in spec.flat] + [n for n, _ in norms if n in spec.flat])
             layers.append(sites)
     return layers
+
+
+def _halves(where: str, module: nn.Module) -> int:
+    """Each half's width of a fused [gate; up] projection."""
+    width = linear_dims(module)[1]
+    if width % 2:
+        raise UnknownArchitecture(f"{where} has {width} outputs, not [gate; up] halves")
+    return width // 2
+
+
+def _qkv_parts(model: nn.Module, spec: SiteSpec, where: str, fused: nn.Module, attn_out: nn.Module) -> dict[str, Part]:
+    """Each of q, k, v's rows of a fused projection's output (see the module docstring): q as wide as
+    the attention output projection's input, k and v halves of the rest, laid out in ``qkv_groups``
+    blocks of ``qkv_order``."""
+    width = linear_dims(fused)[1]
+    q = linear_dims(attn_out)[0]  # heads x head dim: what the output projection reads
+    kv, odd = divmod(width - q, 2)
+    groups = spec.qkv_groups
+    if groups == "kv_heads":  # q = H D and k = G D: G = k H / q
+        heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+        groups = kv * heads // q if isinstance(heads, int) and q and kv * heads % q == 0 else 0
+    if kv <= 0 or odd or not groups or q % groups or kv % groups:
+        raise UnknownArchitecture(
+            f"{type(model).__name__}: {where} has {width} outputs, which do not split into queries of {q} (the "
+            f"attention output's input) and equal keys and values in {spec.qkv_groups} block(s); check qkv_groups")
+    sizes = {"q": q // groups, "k": kv // groups, "v": kv // groups}
+    parts, start = {}, 0
+    for letter in spec.qkv_order:
+        parts[f"attn_{letter}"] = Part(groups, width // groups, start, start + sizes[letter])
+        start += sizes[letter]
+    return parts
 
 
 def _score(model: nn.Module, spec: SiteSpec) -> tuple[int, int] | None:
@@ -745,12 +849,12 @@ def probe_weight(module: nn.Module) -> Any:
 
 
 def architectures_markdown() -> str:
-    """docs/architectures.md, generated from the site table (``python -m adapterkit.sites`` writes it;
-    a test keeps the committed page equal to this)."""
+    """docs/architectures.md's site table (``coverage.architectures_page`` adds the kinds each row
+    takes; ``python -m adapterkit.coverage`` writes the page, a test keeps it equal)."""
     lines = [
         "# Supported architectures",
         "",
-        "Generated from the site table in `src/adapterkit/sites.py` by `python -m adapterkit.sites`; do not",
+        "Generated from the site table in `src/adapterkit/sites.py` by `python -m adapterkit.coverage`; do not",
         "edit by hand. Every row is tested on a tiny random model of its architecture under transformers",
         "4.57.6 and 5.x (`tests/core/test_architectures.py`): attach with the dry-pass verification, no",
         "adapter == bare model (bit-identical), a mixed batch == each row alone, generate where the model",
@@ -784,10 +888,3 @@ def architectures_markdown() -> str:
     lines += [f"- **{t}**: {why}." for t, why in sorted(REFUSED.items())]
     return "\n".join(lines) + "\n"
 
-
-if __name__ == "__main__":
-    from .atomic_io import atomic_write_text
-
-    target = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
-    atomic_write_text(target, architectures_markdown())
-    print(f"wrote {target}")

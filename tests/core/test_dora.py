@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tinymodels import tiny_inputs, tiny_model
+from tinymodels import FUSED_ROWS, tiny_inputs, tiny_model
 
 from adapterkit import AdapterConfig, AdapterModel
 
@@ -35,24 +35,26 @@ def _hidden(model: AdapterModel, inputs: dict, names) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def _weight(ls, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (out, in) weight and bias of a role's projection (its part of GPT-2's fused c_attn)."""
+def _weight(ls, role: str, model_type: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (out, in) weight and bias of a role's projection (its rows of a fused one: ``FUSED_ROWS``)."""
     module = getattr(ls, role)
     w = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
-    b = module.bias
-    part = ls.slices.get(role)
-    if part is not None:
-        w, b = w[part], None if b is None else b[part]
+    b = getattr(module, "bias", None)
+    rows = FUSED_ROWS.get(model_type, {}).get(role)
+    if rows is not None:
+        w, b = w[rows], None if b is None else b[rows]
     return w.detach(), None if b is None else b.detach()
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "bloom", "phi3"])
 def test_a_new_dora_adapter_is_exactly_the_identity(model_type):
     """m starts at ||W||, B at zero: g = 1 exactly, outputs bit-identical to the base's, alone and mixed."""
     model = AdapterModel(tiny_model(model_type)).eval()
     site = model.add_adapter("d", _dora()).layers[0].v
-    w, _ = _weight(model.layer_sites[0], "attn_v")
-    assert torch.equal(site.magnitude, torch.linalg.vector_norm(w, dim=1))
+    ls = model.layer_sites[0]
+    w = ls.attn_v.weight if isinstance(ls.attn_v, torch.nn.Linear) else ls.attn_v.weight.t()  # (out, in)
+    rows = FUSED_ROWS.get(model_type, {}).get("attn_v", slice(None))  # each row's norm over the weight as it lies
+    assert torch.equal(site.magnitude, torch.linalg.vector_norm(w.detach(), dim=1)[rows])
     model.add_adapter("l", AdapterConfig("lora", targets=ALL))
     inputs = tiny_inputs(model_type)
     with torch.no_grad():
@@ -63,11 +65,12 @@ def test_a_new_dora_adapter_is_exactly_the_identity(model_type):
         assert torch.equal(_hidden(model, inputs, "d"), base)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "bloom", "falcon", "codegen", "phi3"])
 def test_dora_maths_at_a_projection(model_type):
     """The hooked projection's output is W' x + b with W' = m (W + s B A) / ||W + s B A|| (rows),
-    computed here in float64 from the base weights: a plain Linear (bert, llama's grouped-query v)
-    and GPT-2's fused Conv1D c_attn (q its first third, v its last)."""
+    computed here in float64 from the base weights: a plain Linear (bert, llama's grouped-query v),
+    GPT-2's fused Conv1D c_attn (q its first third, v its last) and fused projections whose q, k, v
+    rows interleave per head (bloom, falcon, codegen) or have grouped-query widths (phi3)."""
     base = tiny_model(model_type)
     model = AdapterModel(base)
     dora = model.add_adapter("d", _dora())
@@ -82,10 +85,10 @@ def test_dora_maths_at_a_projection(model_type):
         handles = [target.register_forward_hook(lambda m, a, out, seen=seen: seen.__setitem__("out", out.clone())),
                    target.register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__("in", a[0].clone()))]
         site = getattr(dora.layers[1], position)
-        w, b = (t.double() if t is not None else None for t in _weight(ls, role))
+        w, b = (t.double() if t is not None else None for t in _weight(ls, role, model_type))
         merged = w + site.scale * (site.B.detach().double() @ site.A.detach().double())
         w_new = site.magnitude.detach().double()[:, None] * merged / merged.norm(dim=1, keepdim=True)
-        part = ls.slices.get(role, slice(None))
+        part = FUSED_ROWS.get(model_type, {}).get(role, slice(None))
         with torch.no_grad():
             base(**inputs)
             plain = seen["out"]

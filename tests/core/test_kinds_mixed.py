@@ -25,8 +25,9 @@ CONFIGS = {
 }
 PREFIX = AdapterConfig("prefix", bottleneck_size=5, init_std=0.5)
 ROWS = ["lora8", "houlsby", None, "ia3", "prefix", "lora64", "lora2"]  # "prefix" where the base takes one
-# an encoder, decoders (fused Conv1D qkv; grouped-query attention) and encoder-decoders
-REPRESENTATIVE = ["bert", "gpt2", "llama", "t5", "bart"]
+# an encoder, decoders (fused Conv1D qkv; grouped-query attention; q, k, v interleaved per head in one
+# fused projection; fused grouped-query qkv and [gate; up]) and encoder-decoders
+REPRESENTATIVE = ["bert", "gpt2", "llama", "bloom", "phi3", "t5", "bart"]
 
 
 def _build(model_type: str, seed: int = 0, configs: dict | None = None) -> AdapterModel:

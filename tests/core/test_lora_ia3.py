@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tinymodels import tiny_inputs, tiny_model
+from tinymodels import FUSED_ROWS, tiny_inputs, tiny_model
 
 from adapterkit import AdapterConfig, AdapterModel
 
@@ -52,10 +52,12 @@ def test_lora_init_shapes_names_and_scale():
     assert AdapterConfig("lora", targets="v,q").targets == ["q", "v"]
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "gpt_bigcode", "bloom", "falcon", "codegen", "phi3", "deberta"])
 def test_lora_maths_at_a_projection(model_type):
-    """The hooked projection's output is exactly W x + b + s B A x, for a plain Linear (bert) and for
-    GPT-2's fused Conv1D c_attn (q is its first third, v its last)."""
+    """The hooked projection's output is exactly W x + b + s B A x, for a plain Linear (bert) and on
+    its rows of a fused projection (``FUSED_ROWS``, read off each model's attention code): GPT-2's
+    Conv1D c_attn [q; k; v], multi-query and grouped-query widths (gpt_bigcode, phi3), q, k, v
+    interleaved per head (bloom, deberta) or per key/value head (falcon), CodeGen's [q; v; k] blocks."""
     base = tiny_model(model_type)
     model = AdapterModel(base)
     lora = model.add_adapter("a", AdapterConfig("lora", bottleneck_size=3, alpha=6))
@@ -73,19 +75,19 @@ def test_lora_maths_at_a_projection(model_type):
         for names in ("a", ["a", None, "a", None]):
             model(**inputs, adapter_names=names)
             got = seen["out"]
-            part = ls.slices.get("attn_v", slice(None))
+            part = FUSED_ROWS.get(model_type, {}).get("attn_v", slice(None))
             site = lora.layers[0].v
             delta = 2.0 * (x @ site.A.T @ site.B.T)
             rows = slice(None) if names == "a" else slice(0, None, 2)
             torch.testing.assert_close(got[rows][..., part], (reference[..., part] + delta)[rows], atol=1e-6, rtol=1e-5)
-            if part != slice(None):  # the fused output's k third has no LoRA (targets: q, v)
-                k = ls.slices["attn_k"]
+            if model_type in FUSED_ROWS:  # the fused output's k rows have no LoRA (targets: q, v)
+                k = FUSED_ROWS[model_type]["attn_k"]
                 assert torch.equal(got[..., k], reference[..., k])
     for h in handles:
         h.remove()
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "bart"])
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "bart", "bloom", "falcon", "codegen", "phi3"])
 @pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
 def test_merge_and_unmerge(model_type, kind):
     """dora: W <- g (W + s B A), the bias outside the direction and unchanged."""

@@ -12,14 +12,21 @@ import inspect
 
 import pytest
 import torch
-from tinymodels import tiny_inputs, tiny_model, train_steps
-from transformers import DynamicCache
+from tinymodels import TINY, tiny_inputs, tiny_model, train_steps
+from transformers import AutoConfig, DynamicCache
 
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.artifact import ArtifactError, expected_shapes, read_header
+from adapterkit.kinds import prefix as prefix_kind
 
 TOL = 1e-5
 DECODERS = ["llama", "gpt2"]
+# every decoder the kind takes but GPT-Neo, whose tiny local-attention window (8) is narrower than these
+# tests' prefixes and texts (test_sliding_and_local_windows)
+EVERY_DECODER = sorted(set(prefix_kind.DECODERS) - {"gpt_neo"})
+# per family: ALiBi (bloom), per-head fused q/k/v (gpt_neox), OPT's decoder called past its backbone,
+# grouped-query fused qkv (phi3), mixture of experts (mixtral), sliding windows (gemma2)
+FAMILIES = ["bloom", "gpt_neox", "opt", "phi3", "mixtral", "gemma2"]
 CONFIGS = {
     "p4": AdapterConfig("prefix", bottleneck_size=4, init_std=0.5),
     "p7": AdapterConfig("prefix", bottleneck_size=7, init_std=0.5),
@@ -32,6 +39,8 @@ ROWS = ["p4", "p7", None, "lora", "houlsby", "p4"]
 def _build(model_type: str, seed: int = 0) -> AdapterModel:
     model = AdapterModel(tiny_model(model_type, seed=seed))
     for name, config in CONFIGS.items():
+        if name == "lora" and model_type == "mixtral":  # its FFN is a mixture of experts: no "down" projection
+            config = AdapterConfig("lora", bottleneck_size=4, targets=["q", "v", "o"])
         model.add_adapter(name, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # LoRA's B and the bottlenecks start (near) zero: move them so mistakes show
@@ -63,7 +72,7 @@ def test_config_defaults_shapes_and_names():
         model.merge_adapter("a")
 
 
-@pytest.mark.parametrize("model_type", DECODERS)
+@pytest.mark.parametrize("model_type", EVERY_DECODER)
 def test_forward_equals_a_cache_built_by_hand(model_type):
     """One prefix adapter on a right-padded batch equals the bare base model run on a DynamicCache we
     fill ourselves, a mask of ones over the prefix and position ids from 0; no route is bit-identical."""
@@ -89,7 +98,7 @@ def test_forward_equals_a_cache_built_by_hand(model_type):
         unrouted = model(**inputs).logits
     real = inputs["attention_mask"].bool()
     assert (ours - reference)[real].abs().max() <= 1e-6
-    assert (ours - bare)[real].abs().max() > 1e-2  # the prefix acts
+    assert (ours - bare)[real].abs().max() > 1e-3  # the prefix acts
     assert torch.equal(unrouted, bare)
     # a decoding loop by hand, with neither mask nor position ids: the returned cache continues the prefix
     ids = inputs["input_ids"][:1]
@@ -104,19 +113,24 @@ def test_forward_equals_a_cache_built_by_hand(model_type):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("model_type", [*DECODERS, "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", [*DECODERS, "mistral", "qwen2", *FAMILIES])
 def test_mixed_rows_forward_equal_each_row_alone(model_type, grad):
     """Prefixes of lengths 4 and 7, no adapter, LoRA and a bottleneck in one batch: each row equals
     that row alone (unpadded), from the model's stacks and stacked afresh under autograd."""
     model = _build(model_type)
-    inputs = tiny_inputs(model_type, batch=len(ROWS))
     with torch.set_grad_enabled(grad):
-        mixed = model(**inputs, adapter_names=ROWS).logits
-        for i, name in enumerate(ROWS):
-            alone = model(**_row(inputs, i), adapter_names=[name]).logits[0]
-            assert (mixed[i, : alone.shape[0]] - alone).abs().max() <= TOL, (i, name)
-            bare = model.base(**_row(inputs, i)).logits[0]
-            assert ((mixed[i, : bare.shape[0]] - bare).abs().max() > 1e-3) == (name is not None), (i, name)
+        _check_rows_alone(model, tiny_inputs(model_type, batch=len(ROWS)), ROWS)
+
+
+def _check_rows_alone(model: AdapterModel, inputs: dict, rows: list) -> None:
+    """Each row of a mixed batch equals that row alone (unpadded); only rows with an adapter differ
+    from the bare model."""
+    mixed = model(**inputs, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        alone = model(**_row(inputs, i), adapter_names=[name]).logits[0]
+        assert (mixed[i, : alone.shape[0]] - alone).abs().max() <= TOL, (i, name)
+        bare = model.base(**_row(inputs, i)).logits[0]
+        assert ((mixed[i, : bare.shape[0]] - bare).abs().max() > 1e-3) == (name is not None), (i, name)
 
 
 def _left_padded(batch: int, seed: int) -> dict:
@@ -130,7 +144,7 @@ def _left_padded(batch: int, seed: int) -> dict:
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-@pytest.mark.parametrize("model_type", DECODERS)
+@pytest.mark.parametrize("model_type", [*DECODERS, *FAMILIES])
 def test_mixed_rows_generate_equal_each_row_alone(model_type, num_beams):
     model = _build(model_type)
     inputs = _left_padded(len(ROWS), seed=3)
@@ -218,12 +232,36 @@ def test_artifact_round_trip_and_shape_checks(model_type, tmp_path):
     assert other.list_adapters() == []
 
 
+@pytest.mark.parametrize("model_type", ["gpt_neo", "mistral"])
+def test_sliding_and_local_windows(model_type):
+    """GPT-Neo's local layers (window 8 here) and Mistral's sliding window (set to 8) count the prefix as
+    the cache's first positions: while the prefix and the tokens fit the window, mixed rows equal each
+    row alone; past it the call is refused, naming the window."""
+    kwargs, auto = TINY[model_type]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **(kwargs if model_type == "gpt_neo" else dict(kwargs, sliding_window=8)))
+    model = AdapterModel(auto.from_config(config).eval())
+    model.add_adapter("p3", AdapterConfig("prefix", bottleneck_size=3, init_std=0.5))
+    model.add_adapter("p2", AdapterConfig("prefix", bottleneck_size=2, init_std=0.5))
+    rows = ["p3", "p2", None]
+    with torch.no_grad():
+        _check_rows_alone(model, tiny_inputs(model_type, batch=3, seq=5), rows)  # 3 prefix positions + 5 tokens: the window
+        with pytest.raises(ValueError, match="attention sees 8 positions, and 3 prefix positions \\+ 6 tokens exceed it"):
+            model(**tiny_inputs(model_type, batch=3, seq=6), adapter_names=rows)
+
+
 def test_refusals():
-    # an untested decoder; encoders / encoder-decoders: tests/core/test_prefix_encoders.py
-    model = AdapterModel(tiny_model("gptj"))
-    with pytest.raises(ValueError, match="does not support 'gptj': untested. It is wired up for decoders"):
+    # a decoder refused with its reason, and one of no known type (a Llama renamed, sites guessed): untested;
+    # encoders / encoder-decoders: tests/core/test_prefix_encoders.py
+    model = AdapterModel(tiny_model("falcon"))
+    with pytest.raises(ValueError, match="does not support 'falcon': transformers 4.57's Falcon caches"):
         model.add_adapter("p", AdapterConfig("prefix"))
     assert model.list_adapters() == [] and "prefix" not in model._attachment.hooked
+    renamed = tiny_model("llama")
+    renamed.config.model_type = "my-llama"
+    model = AdapterModel(renamed, sites="guess")
+    with pytest.raises(ValueError, match="does not support 'my-llama': untested. It is wired up for decoders"):
+        model.add_adapter("p", AdapterConfig("prefix"))
     for bad, match in ((dict(leave_out=[0]), "cannot leave layers out"), (dict(reduction_factor=4), "not a reduction_factor"),
                        (dict(dropout=0.1), "no dropout"), (dict(scaling=2.0), "no scaling"), (dict(targets=["k"]), "LoRA / IA3")):
         with pytest.raises(ValueError, match=match):

@@ -179,15 +179,28 @@ def test_vision_fingerprint_and_the_lm_as_base_model(tmp_path):
     assert out.logits.shape == (4, 2)
 
 
+def test_fused_projection_layouts_are_checked():
+    """A row's fused q/k/v layout is validated when written, and against the model's widths at attach;
+    it survives the JSON form of ``--sites``."""
+    with pytest.raises(ValueError, match="qkv_groups must be a positive integer or 'kv_heads'"):
+        dataclasses.replace(SITES["bloom"], qkv_groups=0)
+    with pytest.raises(ValueError, match="qkv_order must order the letters q, k, v"):
+        dataclasses.replace(SITES["bloom"], qkv_order="qqv")
+    with pytest.raises(UnknownArchitecture, match=r"query_key_value has 96 outputs, which do not split .* in 5 block"):
+        AdapterModel(tiny_model("bloom"), sites=dataclasses.replace(SITES["bloom"], qkv_groups=5))
+    for model_type in ("codegen", "bloom", "phi3"):
+        assert SiteSpec.from_dict(json.loads(json.dumps(SITES[model_type].to_dict()))) == SITES[model_type]
+
+
 def test_tiny_table_lists_only_known_types():
     assert set(TINY) <= set(SITES) | {"fsmt"}
 
 
 def test_the_architectures_page_is_generated_from_the_table():
-    """docs/architectures.md is up to date: regenerate with ``python -m adapterkit.sites``."""
+    """docs/architectures.md is up to date: regenerate with ``python -m adapterkit.coverage``."""
     from pathlib import Path
 
-    from adapterkit.sites import architectures_markdown
+    from adapterkit.coverage import architectures_page
 
     page = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
-    assert page.read_text(encoding="utf-8") == architectures_markdown(), "run: python -m adapterkit.sites"
+    assert page.read_text(encoding="utf-8") == architectures_page(), "run: python -m adapterkit.coverage"

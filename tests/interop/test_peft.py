@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from tinymodels import TINY, tiny_inputs, tiny_model
+from tinymodels import FUSED_ROWS, TINY, tiny_inputs, tiny_model
 
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.interop import InteropError, export, read_foreign
@@ -81,6 +81,13 @@ LORA_CASES = {
                   lora_alpha=16, layers_to_transform=[1]),
     # the fused c_attn (q, k, v in thirds), and c_proj (attention output and FFN output), Conv1D layers
     "gpt2": dict(target_modules=["c_attn", "c_proj", "c_fc"], r=3, lora_alpha=6, rank_pattern={"h.0.attn.c_attn": 2}),
+    # fused q, k, v interleaved per head (bloom), per key/value group (falcon), in [q; v; k] blocks
+    # (codegen), grouped-query widths and a fused [gate; up] (phi3)
+    "bloom": dict(target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], r=3, lora_alpha=6),
+    "falcon": dict(target_modules=["query_key_value", "dense_4h_to_h"], r=2, lora_alpha=4,
+                   rank_pattern={"h.1.self_attention.query_key_value": 3}),
+    "codegen": dict(target_modules=["qkv_proj", "out_proj", "fc_in"], r=3, lora_alpha=6),
+    "phi3": dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], r=3, lora_alpha=6),
 }
 IA3_CASES = {
     "bert": dict(target_modules=["key", "value", "layer.0.output.dense", "layer.1.output.dense"],
@@ -103,34 +110,46 @@ def test_ia3_roundtrip(tmp_path, model_type):
                inputs, fresh_for_peft=lambda: tiny_model(model_type))
 
 
-def test_ia3_fused_gpt2_keys_values_and_ffn(tmp_path):
-    """GPT-2's c_attn is [q; k; v]: PEFT scales all of it; the query third must stay one to map."""
-    peft_model = get_peft_model(tiny_model("gpt2"), IA3Config(target_modules=["c_attn", "mlp.c_proj"],
-                                                              feedforward_modules=["mlp.c_proj"])).eval()
+FUSED_IA3 = {  # model_type -> (its fused q/k/v module, its FFN output projection)
+    "gpt2": ("c_attn", "mlp.c_proj"),
+    "bloom": ("query_key_value", "dense_4h_to_h"),
+    "falcon": ("query_key_value", "dense_4h_to_h"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FUSED_IA3))
+def test_ia3_fused_keys_values_and_ffn(tmp_path, model_type):
+    """A fused q/k/v projection ([q; k; v] thirds in GPT-2's c_attn, interleaved per head in Bloom's and
+    per key/value group in Falcon's query_key_value): PEFT scales all of it; the query rows must stay
+    one to map."""
+    fused, ffn = FUSED_IA3[model_type]
+    peft_model = get_peft_model(tiny_model(model_type), IA3Config(target_modules=[fused, ffn],
+                                                                  feedforward_modules=[ffn])).eval()
+    queries = FUSED_ROWS[model_type]["attn_q"]
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "ia3_l" in name:
-                if "c_attn" in name:
-                    p[32:] = 1 + torch.randn(64, 1, generator=g) * 0.3  # k and v thirds; q stays 1
-                else:
-                    p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+                if fused in name:
+                    p[queries] = 1.0  # k and v rows scaled; q stays 1
     peft_model.save_pretrained(tmp_path / "peft")
-    inputs = tiny_inputs("gpt2")
+    inputs = tiny_inputs(model_type)
     with torch.no_grad():
         expected = _out(peft_model(**inputs))
-    model = AdapterModel(tiny_model("gpt2")).eval()
+    model = AdapterModel(tiny_model(model_type)).eval()
     model.load_adapter(tmp_path / "peft", name="a")
     assert model._get("a").config.targets == ["k", "v", "ff"]
     with torch.no_grad():
         torch.testing.assert_close(_out(model(**inputs, adapter_names="a")), expected, atol=TOL, rtol=0)
     export(model, "a", tmp_path / "back", to="peft")
-    again = PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "back").eval()
+    again = PeftModel.from_pretrained(tiny_model(model_type), tmp_path / "back").eval()
     with torch.no_grad():
         torch.testing.assert_close(_out(again(**inputs)), expected, atol=TOL, rtol=0)
     # a query scaling has no adapterkit equivalent: refused, naming it, and the model is unchanged
     with torch.no_grad():
-        next(p for n, p in peft_model.named_parameters() if "h.0.attn.c_attn.ia3_l" in n)[0] = 2.0
+        next(p for n, p in peft_model.named_parameters() if f".0.{'attn' if model_type == 'gpt2' else 'self_attention'}."
+             f"{fused}.ia3_l" in n)[queries[1]] = 2.0
     peft_model.save_pretrained(tmp_path / "q")
     with pytest.raises(InteropError, match="query"):
         model.load_adapter(tmp_path / "q", name="q")
@@ -186,6 +205,9 @@ DORA_CASES = {
                   rank_pattern={"layers.0.self_attn.q_proj": 2}),
     # GPT-2's fused Conv1D c_attn: DoRA's norm is per output feature, so each third maps on its own
     "gpt2": dict(target_modules=["c_attn", "mlp.c_proj"], r=3, lora_alpha=6),
+    # ... and each head's rows of Bloom's fused query_key_value, the halves of Phi-3's gate_up_proj
+    "bloom": dict(target_modules=["query_key_value", "dense_4h_to_h"], r=3, lora_alpha=6),
+    "phi3": dict(target_modules=["qkv_proj", "gate_up_proj"], r=3, lora_alpha=6),
 }
 
 

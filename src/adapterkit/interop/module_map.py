@@ -5,7 +5,7 @@ PEFT and the adapters library name what they adapt by the module's path in the m
 q, k, v, o, up, gate, down, attn, ffn). ``ModuleMap`` is that translation for one ``AdapterModel``,
 built from its resolved sites (``sites.py``), so every architecture of the site table is covered
 without a table of its own. A fused projection (GPT-2's ``c_attn``) is one name for three positions,
-each with its slice of the output.
+each with its rows of the output (``sites.Part``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..kinds import POSITIONS
+from ..sites import Part
 
 if TYPE_CHECKING:
     from ..model import AdapterModel
@@ -26,12 +27,12 @@ class InteropError(ValueError):
 @dataclass(frozen=True)
 class Target:
     """One position of one layer: the module there (its name in the base model) and, for a fused
-    projection, the slice of its output that the position owns."""
+    projection, the rows of its output that the position owns."""
 
     layer: int
     position: str
     module: str
-    part: slice | None = None
+    part: Part | None = None
 
 
 class ModuleMap:
@@ -50,7 +51,7 @@ class ModuleMap:
                 module = getattr(ls, where.output, None)
                 if module is None or id(module) not in names:
                     continue
-                target = Target(ls.index, position, names[id(module)], ls.slices.get(where.output))
+                target = Target(ls.index, position, names[id(module)], ls.parts.get(where.output))
                 self.by_site[(ls.index, position)] = target
                 self.by_module.setdefault(target.module, []).append(target)
         # norms: (layer, index in LayerSites.norms) by module name

@@ -168,10 +168,10 @@ def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: M
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha0))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         for t in targets:
-            part = b if t.part is None else b[t.part]
+            part = b if t.part is None else t.part.take(b, 0)
             sites[(t.layer, t.position)] = (a, part, scale)
             if m is not None:
-                magnitudes[(t.layer, t.position)] = m if t.part is None else m[t.part]
+                magnitudes[(t.layer, t.position)] = m if t.part is None else t.part.take(m, 0)
     rank = max(a.shape[0] for a, _, _ in sites.values())
     # the common scale: that of the widest module, so those need no rescaling of B
     common = next(s for a, _, s in sites.values() if a.shape[0] == rank)
@@ -210,8 +210,8 @@ def _projection_weight(model: AdapterModel, layer: int, position: str) -> torch.
     role = POSITIONS[position].output
     target = getattr(ls, role)
     w = target.weight if isinstance(target, nn.Linear) else target.weight.t()  # Conv1D keeps (in, out)
-    part = ls.slices.get(role)
-    return w if part is None else w[part]
+    part = ls.parts.get(role)
+    return w if part is None else part.take(w, 0)
 
 
 def _read_ia3(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: ModuleMap, model: AdapterModel) -> Converted:
@@ -235,7 +235,7 @@ def _read_ia3(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: Mo
             raise InteropError(f"PEFT IA3 scales the output of {module!r}; adapterkit's IA3 scales the outputs of "
                                "the key and value projections only")
         for t in outs:
-            part = vec[:, 0] if t.part is None else vec[t.part, 0]
+            part = vec[:, 0] if t.part is None else t.part.take(vec[:, 0], 0)
             if t.position == "q":  # a fused q/k/v: the query third must be left alone
                 if not torch.equal(part, torch.ones_like(part)):
                     raise InteropError(f"PEFT IA3 scales the query projection (in {module!r}); adapterkit's IA3 has no q target")
@@ -410,25 +410,25 @@ def _fan_in_fan_out(model: AdapterModel, targets: list[str], prefix: str) -> boo
 
 def _join_lora(parts: list, model: AdapterModel) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One PEFT module's (A, B, k) from adapterkit's positions on it: a plain projection has one; a
-    fused one up to three, joined as A = [A_q; A_k; A_v] (k r, in), B block-diagonal (out, k r)."""
+    fused one up to three, joined as A = [A_q; A_k; A_v] (k r, in), B (out, k r) with each position's
+    B in its own rows and columns (block-diagonal up to the fused layout's row order)."""
     if len(parts) == 1 and parts[0][0].part is None:
         site = parts[0][1]
         return site.A.detach().cpu().float(), site.B.detach().cpu().float(), 1
     if any(target.part is None for target, _, _ in parts):
         raise InteropError(f"LoRA positions {[p for _, _, p in parts]} share module {parts[0][0].module!r} unfused")
-    n_out = 3 * (parts[0][0].part.stop - parts[0][0].part.start)
     r = parts[0][1].A.shape[0]
     parts = sorted(parts, key=lambda p: p[0].part.start)
     a = torch.cat([site.A.detach().cpu().float() for _, site, _ in parts])
-    b = torch.zeros(n_out, r * len(parts))
+    b = torch.zeros(parts[0][0].part.width, r * len(parts))
     for j, (target, site, _) in enumerate(parts):
-        b[target.part, j * r:(j + 1) * r] = site.B.detach().cpu().float()
+        target.part.put(b[:, j * r:(j + 1) * r], site.B.detach().cpu().float(), 0)
     return a, b, len(parts)
 
 
 def _join_magnitude(parts: list, model: AdapterModel) -> torch.Tensor:
-    """One PEFT module's DoRA magnitude (out,): a plain projection's own; a fused one's thirds joined,
-    ``||W||`` rows (PEFT's identity there, as B is zero) for a third no position adapts."""
+    """One PEFT module's DoRA magnitude (out,): a plain projection's own; a fused one's parts joined,
+    ``||W||`` rows (PEFT's identity there, as B is zero) for a part no position adapts."""
     site = parts[0][1]
     if len(parts) == 1 and parts[0][0].part is None:
         return site.magnitude.detach().cpu().float()
@@ -437,12 +437,12 @@ def _join_magnitude(parts: list, model: AdapterModel) -> torch.Tensor:
     whole = projection.weight if isinstance(projection, nn.Linear) else projection.weight.t()  # (out, in)
     m = lora_kind.direction_norm(whole).cpu()
     for target, module, _ in parts:
-        m[target.part] = module.magnitude.detach().cpu().float()
+        target.part.put(m, module.magnitude.detach().cpu().float(), 0)
     return m
 
 
 def _join_ia3(parts: list, model: AdapterModel) -> dict[str, torch.Tensor]:
-    """One PEFT module's ``ia3_l``: (1, in) for ff; (out, 1) for k / v (ones for a fused q third)."""
+    """One PEFT module's ``ia3_l``: (1, in) for ff; (out, 1) for k / v (ones for a fused q part)."""
     target, site, position = parts[0]
     if len(parts) == 1 and position == "ff":
         return {".ia3_l": site.l.detach().cpu().float()[None, :]}
@@ -450,8 +450,7 @@ def _join_ia3(parts: list, model: AdapterModel) -> dict[str, torch.Tensor]:
         return {".ia3_l": site.l.detach().cpu().float()[:, None]}
     if any(p == "ff" or t.part is None for t, _, p in parts):
         raise InteropError(f"IA3 positions {[p for _, _, p in parts]} share module {target.module!r}")
-    n_out = 3 * (target.part.stop - target.part.start)
-    vec = torch.ones(n_out)
+    vec = torch.ones(target.part.width)
     for target, site, _ in parts:
-        vec[target.part] = site.l.detach().cpu().float()
+        target.part.put(vec, site.l.detach().cpu().float(), 0)
     return {".ia3_l": vec[:, None]}

@@ -43,6 +43,7 @@ from .interface import AdapterKind, SiteModule
 if TYPE_CHECKING:
     from ..config import AdapterConfig
     from ..routing import Route
+    from ..sites import Part
 
 TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
 DEFAULT_TARGETS = ("q", "v")
@@ -105,7 +106,7 @@ class LoraSite(SiteModule):
 
     # -- DoRA: the base projection, the magnitude's scale ------------------------------------------
 
-    def bind_projection(self, projection: nn.Module, part: slice | None) -> None:
+    def bind_projection(self, projection: nn.Module, part: Part | None) -> None:
         """Give a DoRA module the projection it adapts (``part``: its rows of a fused one, GPT-2's
         ``c_attn``), kept by reference, and start the magnitude at ``||W||`` per output feature (a file's
         magnitude, loaded afterwards, replaces it). No-op without DoRA."""
@@ -116,7 +117,8 @@ class LoraSite(SiteModule):
             self.magnitude.copy_(self._weight_norm())
 
     def base_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The bound projection's weight as an (n_out, n_in) view and its bias (n_out,) or None."""
+        """The bound projection's weight as (n_out, n_in) and its bias (n_out,) or None: views, or copies
+        of a fused projection's rows interleaved per head."""
         bound = self.__dict__.get("_projection")
         if bound is None:
             raise ValueError("a DoRA LoRA module needs its projection's weight: it was built outside an AdapterModel")
@@ -124,7 +126,7 @@ class LoraSite(SiteModule):
         weight, bias = projection.weight, getattr(projection, "bias", None)
         w = weight if isinstance(projection, nn.Linear) else weight.t()  # Conv1D (GPT-2) keeps (in, out)
         if part is not None:
-            w, bias = w[part], None if bias is None else bias[part]
+            w, bias = part.take(w, 0), None if bias is None else part.take(bias, 0)
         return w, bias
 
     def _weight_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:

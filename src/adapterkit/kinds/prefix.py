@@ -7,14 +7,18 @@ They are the attention's keys and values themselves (after RoPE: they carry no p
 
 Where, with hooks only (no copied model code):
 
-- **Decoders** (llama, mistral, qwen2, gpt2): one forward pre-hook on the backbone (``model.model`` /
-  ``model.transformer``) rewrites its keyword inputs. When the incoming KV cache is empty (no cache, or
-  the first step of ``generate``), it fills a ``DynamicCache`` with each row's prefix, (B, kv_heads,
-  P_max, head_dim) per layer, zero-padded after a shorter prefix; on every call it prepends a (B, P_max)
-  block to the attention mask (1 on a row's own prefix, 0 on padding and on rows without one) and keeps
-  the position ids the tokens would have without the prefix. transformers 4.57's ``cache_position`` (an
-  index into the cache) is shifted by P_max; 5.x has none. The cache keeps the prefix as ordinary
-  entries (``prefix_state``), which the server's continuous decoding re-packs (``mark_packed``).
+- **Decoders** (``DECODERS``: the Llama, GPT-2, GPT-NeoX, Bloom, OPT, ... families and mixtures of
+  experts): one forward pre-hook on the decoder stack (the module holding the layers: ``model.model``,
+  ``model.transformer``, OPT's ``model.decoder``) rewrites its keyword inputs. When the incoming KV
+  cache is empty (no cache, or the first step of ``generate``), it fills a ``DynamicCache`` with each
+  row's prefix, (B, kv_heads, P_max, head_dim) per layer, zero-padded after a shorter prefix; on every
+  call it prepends a (B, P_max) block to the attention mask (1 on a row's own prefix, 0 on padding and
+  on rows without one) and keeps the position ids the tokens would have without the prefix. transformers
+  4.57's ``cache_position`` (an index into the cache) is shifted by P_max; 5.x has none. The cache keeps
+  the prefix as ordinary entries (``prefix_state``), which the server's continuous decoding re-packs
+  (``mark_packed``). Sliding / local attention layers (Mistral, Gemma 2 / 3, GPT-Neo) count the prefix as the cache's first positions:
+  a call whose prefix and tokens exceed the window is refused (past it a token would not see the prefix,
+  and a batch's padding would move it out sooner than for the row alone).
 - **Encoders** (the BERT family) **and encoder-decoders** (T5, BART families): their stacks take no
   cache to fill, but every self-attention module takes a cache argument (the class serves decoders
   too) and its mask. One forward pre-hook per layer on the self-attention module (the parent of the
@@ -52,7 +56,7 @@ adapterkit otherwise supports), ``leave_out`` and AdapterDrop (one attention mas
 T5 shares one position bias across its layers), compositions, a 4-D mask on decoders, flash / flex
 attention on encoders (their masks are not 4-D tensors), and on decoders: gradient checkpointing in
 training (transformers drops the KV cache in checkpointed layers), a non-empty cache that did not
-start with this prefix (unless ``mark_packed``).
+start with this prefix (unless ``mark_packed``), a prefix and tokens longer than a sliding window.
 
 Config: the prefix length P is ``bottleneck_size`` (default 10); ``init_std`` the std of the plain
 prefixes' normal init. Shapes: B rows, T new tokens, P_max the longest prefix in the batch, L / S
@@ -79,7 +83,10 @@ if TYPE_CHECKING:
 DEFAULT_LENGTH = 10
 DEFAULT_HIDDEN = 512  # the reparameterisation MLP's width (the paper's code; the adapters library)
 # model_type rows the prefix is tested on (tests/core/test_prefix.py, test_prefix_encoders.py), by hook
-DECODERS = ("llama", "mistral", "qwen2", "gpt2")  # the backbone's KV cache
+DECODERS = ("llama", "mistral", "qwen2", "gpt2",  # the decoder stack's KV cache
+            "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "helium", "smollm3", "olmo", "olmo2", "phi", "phi3",
+            "stablelm", "cohere", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_bigcode", "gpt_neo",
+            "gptj", "codegen", "gpt_neox", "bloom", "opt", "xglm", "biogpt")
 ENCODERS = ("bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert",
             "data2vec-text", "ernie", "electra", "megatron-bert", "rembert")  # each self-attention's cache view
 ENCODER_DECODERS = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "blenderbot", "blenderbot-small",
@@ -95,6 +102,8 @@ REFUSED = {
     "mpnet": _NO_CACHE + " (and its relative position bias is built for the input's keys only)",
     "modernbert": _NO_CACHE + " (and its local attention windows come from its own masks)",
     "longt5": "its encoder's local / transient-global attention takes no KV cache argument",
+    "falcon": ("transformers 4.57's Falcon caches its keys and values repeated for every query head (new decoder "
+               "architecture), not per key/value head as its projection makes them and 5.x caches them"),
     **{t: _NO_CACHE + " (vision encoder)" for t in ("vit", "deit", "vit_msn", "vit_mae", "beit", "data2vec-vision",
                                                       "dinov2", "clip_vision_model", "siglip_vision_model")},
 }
@@ -226,9 +235,11 @@ class PrefixSite(SiteModule):
     @classmethod
     def backbone_hooks(cls, base: nn.Module, layer_sites: list[Any]) -> list[tuple[nn.Module, list[int], Any]] | None:
         """Encoders and encoder-decoders: each layer's self-attention module (the value projection's
-        parent), rewritten by ``apply_attention``. Decoders: None (one hook on the backbone)."""
+        parent), rewritten by ``apply_attention``. Decoders: the decoder stack (the module holding the
+        layers; OPT's LM calls it directly, past its backbone), rewritten by ``apply_backbone``."""
         if base.config.model_type in DECODERS:
-            return None
+            stack = layer_sites[0].path.rpartition(".")[0].rpartition(".")[0]  # "model.decoder.layers.0" -> "model.decoder"
+            return [(base.get_submodule(stack), [ls.index for ls in layer_sites], cls.apply_backbone)]
         targets = []
         for ls in layer_sites:
             name = ls.names.get("attn_v")
@@ -282,6 +293,13 @@ class PrefixSite(SiteModule):
             past = cache.get_seq_length() - p_max  # real tokens cached so far
             if prefix_mask.shape[0] != n:
                 raise ValueError(f"this KV cache was prefixed for {prefix_mask.shape[0]} rows; the batch has {n}")
+        window = _attention_window(getattr(module, "config", None))
+        if window is not None and p_max + past + t > window:
+            raise ValueError(
+                f"prefix tuning needs the prefix inside every token's attention window: this model's sliding / local "
+                f"attention sees {window} positions, and {p_max} prefix positions + {past + t} tokens exceed it (a "
+                f"token past the window would not see the prefix, and a batch's padding would move it out sooner than "
+                f"for the row alone)")
         mask = inputs.get("attention_mask")
         if mask is None:  # 5.x generate drops an all-ones mask; the prefix block needs one beside it
             mask = torch.ones(n, past + t, dtype=torch.long, device=x.device)
@@ -372,6 +390,21 @@ class _PrefixedCache:
         if cache is None:
             raise AttributeError(name)
         return getattr(cache, name)
+
+
+def _attention_window(config: Any) -> int | None:
+    """The attention window of a decoder's sliding / local layers (Mistral's ``sliding_window``, GPT-Neo's
+    ``window_size``), or None where every layer attends to the whole cache."""
+    kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None)
+    if kinds is not None and not any(k in ("sliding_attention", "local") for k in kinds):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    for name in ("sliding_window", "window_size"):
+        window = getattr(config, name, None)
+        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+            return window
+    return None
 
 
 def _check_route(route: Route) -> None:
