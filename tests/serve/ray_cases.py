@@ -68,6 +68,11 @@ def _metric(url: str, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def ray_url(minilm, artifacts):
     temp = tempfile.mkdtemp(prefix="ak-ray-")  # short: Ray's socket paths must fit 107 bytes
+    # Serve's controller kills a proxy actor that is not ready within 5 s or misses health checks of
+    # 10 s (seen on a loaded 2-core machine: "killed by ray.kill ... before it started running"). Its
+    # actors inherit this environment through ray.init: longer hang guards, not a different behaviour.
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(name, "120")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
              log_to_driver=False)
     with socket.socket() as s:
