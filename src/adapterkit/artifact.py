@@ -345,7 +345,13 @@ def load_tensors_strict(adapter: nn.Module, tensors: dict[str, torch.Tensor], wh
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
     if wrong:
         raise ArtifactError(f"{where}: tensor shapes do not match: {'; '.join(wrong[:5])}")
-    adapter.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
+    cast = {k: t.to(expected[k].dtype) for k, t in tensors.items()}
+    # after the cast: a float64 1e300 is finite in the file and infinite in float32
+    bad = [k for k, t in cast.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ArtifactError(f"{where}: tensor {bad[0]!r} holds values that are not finite in the adapter's "
+                            f"{expected[bad[0]].dtype} (NaN, infinite, or out of its range)")
+    adapter.load_state_dict(cast, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +372,8 @@ _ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
+# What adapter parameters are saved as (every tensor of an artifact is a parameter)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass(frozen=True)
@@ -423,6 +431,9 @@ def read_header(path: str | os.PathLike, max_header_bytes: int = HEADER_MAX_BYTE
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in _ITEMSIZE:
             raise ArtifactError(f"{where}: tensor {name[:80]!r} has unknown dtype {str(dtype)[:20]!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise ArtifactError(f"{where}: tensor {name[:80]!r} is {dtype}; an artifact holds floating-point "
+                                f"tensors only ({', '.join(FLOAT_DTYPES)})")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ArtifactError(f"{where}: tensor {name[:80]!r} has a malformed shape")
         if (

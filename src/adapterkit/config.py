@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -112,8 +113,8 @@ class AdapterConfig:
         self.leave_out = sorted(set(self.leave_out))
         if self.scaling is None:
             self.scaling = kind.default_scaling
-        if not isinstance(self.scaling, int | float) or not self.scaling > 0:
-            raise ValueError(f"AdapterConfig.scaling must be a positive number; got {self.scaling!r}")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, int | float) or not 0 < self.scaling < math.inf:
+            raise ValueError(f"AdapterConfig.scaling must be a finite positive number; got {self.scaling!r}")
         self.scaling = float(self.scaling)
         if self.train_layer_norms is None:
             self.train_layer_norms = kind.trains_layer_norms

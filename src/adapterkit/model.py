@@ -113,6 +113,18 @@ class ParameterReport:
         return f"trainable params: {self.trainable:,} of {self.base_total:,} base params ({self.percent:.2f} %)"
 
 
+@dataclass
+class _Merged:
+    """What ``merge_adapter`` changed, to undo it: the adapter, each changed weight with its original,
+    the base's fingerprint before the merge, and the active adapter it replaced."""
+
+    name: str
+    originals: list[tuple[torch.Tensor, torch.Tensor]]
+    fingerprint: dict[str, Any]
+    active: Route | None
+    active_entry: str | Block | None
+
+
 class _AdapterDict(nn.ModuleDict):
     """A ModuleDict whose keys may also be names of nn.Module attributes ("half", "train", "to"...):
     adapter names are user data, and ``add_module`` refuses those. Item access is all we use."""
@@ -154,7 +166,7 @@ class AdapterModel(nn.Module):
         self._active: Route | None = None
         self._active_entry: str | Block | None = None  # what set_active_adapter was given
         self._stacks = StackStore()  # mixed batches' per-site weight stacks, kept across calls
-        self._merged: tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # merge_adapter
+        self._merged: _Merged | None = None  # merge_adapter
         self._attachment = Attachment(self, self.layer_sites)  # hooks and norm wrappers on the base
         self._attachment.attach()
         self.train(base.training)  # follow the base: from_pretrained models come in eval mode
@@ -166,7 +178,8 @@ class AdapterModel(nn.Module):
         self._attachment.hook(positions)
 
     def detach(self) -> nn.Module:
-        """Remove every hook and wrapper and return the base model, exactly as it was."""
+        """Remove every hook and wrapper and return the base model, exactly as it was; while an adapter
+        is merged, with that adapter folded into its weights (PEFT's ``merge_and_unload``)."""
         self._attachment.detach()
         return self.base
 
@@ -232,6 +245,9 @@ class AdapterModel(nn.Module):
             dims_per_layer=self._site_dims(config.kind, positions) if config.kind_spec.sized_by_site else None,
             **factory,
         )
+        if config.dora and self._merged is not None:  # its magnitude starts at ||W||: the base's W
+            raise ValueError(f"a DoRA adapter reads the base weights, which hold merged adapter "
+                             f"{self._merged.name!r}; unmerge_adapter({self._merged.name!r}) first")
         for (layer, position), module in adapter._lookup().items():
             bind = getattr(module, "bind_projection", None)  # DoRA reads the projection's weight
             if bind is not None and isinstance(position, str):
@@ -376,7 +392,7 @@ class AdapterModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (and its head). The active default is cleared if it used it."""
         self._get(name)
-        if self._merged is not None and self._merged[0] == name:
+        if self._merged is not None and self._merged.name == name:
             raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge_adapter({name!r}) first")
         adapter = self.adapters[name]
         if self._active is not None and any(a is adapter for a in self._active.adapters):
@@ -426,11 +442,11 @@ class AdapterModel(nn.Module):
         """
         adapter = self._get(name)
         if self._merged is not None:
-            raise ValueError(f"adapter {self._merged[0]!r} is already merged; unmerge_adapter it first")
+            raise ValueError(f"adapter {self._merged.name!r} is already merged; unmerge_adapter it first")
         sites = [(key, m) for key, m in adapter._lookup().items() if isinstance(key[1], str)]
         if not all(hasattr(m, "merge_into") for _, m in sites):
             raise ValueError(f"adapter {name!r} is of kind {adapter.config.kind!r}, which has no weight form to merge")
-        self.fingerprint()  # of the base as it is, before its weights change
+        fingerprint = self.fingerprint()  # of the base as it is, before its weights change
         saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
             for (layer, position), module in sites:
@@ -452,31 +468,35 @@ class AdapterModel(nn.Module):
                     if bias is not None:
                         part.put(bias, b_part, 0)
                 module.merged = True
-        self._merged = (name, list(saved.values()))
+        self._merged = _Merged(name, list(saved.values()), fingerprint, self._active, self._active_entry)
         self._active, self._active_entry = Route.for_rows([adapter]), name
 
     def unmerge_adapter(self, name: str) -> None:
-        """Undo ``merge_adapter``: the base weights are restored bit for bit from the kept copies."""
-        if self._merged is None or self._merged[0] != name:
+        """Undo ``merge_adapter``: the base weights are restored bit for bit from the kept copies, and
+        the active adapter is again what it was before the merge."""
+        merged = self._merged
+        if merged is None or merged.name != name:
             raise ValueError(f"adapter {name!r} is not merged")
         with torch.no_grad():
-            for p, original in self._merged[1]:
+            for p, original in merged.originals:
                 p.copy_(original)
         for key, module in self._get(name)._lookup().items():
             if isinstance(key[1], str):
                 module.merged = False
         self._merged = None
+        self._active, self._active_entry = merged.active, merged.active_entry
 
     @property
     def merged_adapter(self) -> str | None:
         """The adapter merged into the base weights, if any."""
-        return None if self._merged is None else self._merged[0]
+        return None if self._merged is None else self._merged.name
 
     def _check_merged(self, names: Sequence[str | None]) -> None:
-        if self._merged is not None and any(n != self._merged[0] for n in names):
+        if self._merged is not None and any(n != self._merged.name for n in names):
+            merged = self._merged.name
             raise ValueError(
-                f"adapter {self._merged[0]!r} is merged into the base weights: every row runs it; "
-                f"unmerge_adapter({self._merged[0]!r}) to route rows to {sorted({str(n) for n in names})}"
+                f"adapter {merged!r} is merged into the base weights: every row runs it; "
+                f"unmerge_adapter({merged!r}) to route rows to {sorted({str(n) for n in names})}"
             )
 
     @property
@@ -539,6 +559,9 @@ class AdapterModel(nn.Module):
 
     def _train_only(self, module: nn.Module, route: str | Block) -> ParameterReport:
         """Freeze everything but ``module``'s parameters; ``route`` becomes the active adapter."""
+        if self._merged is not None:  # a merged adapter's own tensors are out of the forward pass
+            raise ValueError(f"adapter {self._merged.name!r} is merged into the base weights; "
+                             f"unmerge_adapter({self._merged.name!r}) before training")
         for p in self.parameters():
             p.requires_grad_(False)
         for p in module.parameters():
@@ -857,7 +880,10 @@ class AdapterModel(nn.Module):
 
     def fingerprint(self) -> dict[str, Any]:
         """The base model's fingerprint (see artifact.base_fingerprint) from its weights as they are now:
-        not cached, since full fine-tuning changes them between saves (and it costs a strided sample)."""
+        not cached, since full fine-tuning changes them between saves (and it costs a strided sample).
+        While an adapter is merged, the base's as it was before the merge."""
+        if self._merged is not None:
+            return self._merged.fingerprint
         first, last = self.layer_sites[0], self.layer_sites[-1]
         probes = [probe_weight(m) for m in (self.base.get_input_embeddings(), first.attn_out, last.ffn_out)]
         return base_fingerprint(self.base, probes)

@@ -23,7 +23,7 @@ from adapterkit import AdapterConfig, AdapterModel
         (dict(reduction_factor=-2), "reduction_factor must be a positive number; got -2"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\); got 1.0"),
         (dict(leave_out=[0, -1]), r"leave_out must be a list of layer indices >= 0; got \[0, -1\]"),
-        (dict(scaling=0), "scaling must be a positive number; got 0"),
+        (dict(scaling=0), "scaling must be a finite positive number; got 0"),
         (dict(init_std=-1e-2), "init_std must be a positive number"),
     ],
 )

@@ -120,6 +120,31 @@ def test_nan_weights_refused(tmp_path, trained):
         model.load_adapter(tmp_path / "nan.safetensors", name="n")
 
 
+@pytest.mark.parametrize("kind", ["houlsby", "lora", "ia3", "prefix"])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda t: torch.full(t.shape, 1e300, dtype=torch.float64), "not finite in the adapter's torch.float32"),
+        (lambda t: torch.ones(t.shape, dtype=torch.int64), "is I64; an artifact holds floating-point tensors only"),
+        (lambda t: torch.ones(t.shape, dtype=torch.bool), "is BOOL"),
+    ],
+)
+def test_tensors_are_floats_finite_in_the_adapters_dtype(tmp_path, kind, bad, message):
+    """A float64 1e300 is finite in the file and infinite once cast to the adapter's float32; an
+    integer tensor is no adapter parameter. Both are refused, the model left as it was."""
+    model = _fresh()
+    model.add_adapter("a", AdapterConfig(kind))
+    path = model.save_adapter("a", tmp_path / "a.safetensors")
+    art = read_artifact(path)
+    tensors = dict(art.tensors)
+    key = sorted(tensors)[0]
+    tensors[key] = bad(tensors[key])
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={METADATA_KEY: json.dumps(art.metadata)})
+    with pytest.raises(ArtifactError, match=message):
+        model.load_adapter(tmp_path / "bad.safetensors", name="b")
+    assert model.list_adapters() == ["a"]
+
+
 def _rewrite(tmp_path, path, name, tensors=None, metadata=None, raw_meta=None):
     art = read_artifact(path)
     out = tmp_path / name

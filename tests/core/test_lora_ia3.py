@@ -118,6 +118,9 @@ def test_merge_and_unmerge(model_type, kind):
             model.delete_adapter("a")
         with pytest.raises(ValueError, match="already merged"):
             model.merge_adapter("a")
+        for train in (model.train_adapter, model.train_full):  # its tensors are out of the forward pass
+            with pytest.raises(ValueError, match="before training"):
+                train("a")
         model.unmerge_adapter("a")
     after = model.base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
@@ -127,6 +130,71 @@ def test_merge_and_unmerge(model_type, kind):
         model.merge_adapter("h")
     with pytest.raises(ValueError, match="is not merged"):
         model.unmerge_adapter("a")
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_while_merged_saves_and_loads_name_the_unmerged_base(tmp_path, kind):
+    """The base fingerprint in a file saved while an adapter is merged is the bare base's, so the file
+    loads on a clean copy of the base; and a file of that base loads while another adapter is merged."""
+    config = AdapterConfig("ia3") if kind == "ia3" else AdapterConfig("lora", dora=kind == "dora", targets=["o", "down"])
+    model = AdapterModel(tiny_model("llama", seed=0)).eval()
+    model.add_adapter("a", config)
+    model.add_adapter("b", AdapterConfig("lora"))
+    _perturb(model)
+    model.save_adapter("b", tmp_path / "b.safetensors")
+    model.delete_adapter("b")
+    model.merge_adapter("a")
+    saved = model.save_adapter("a", tmp_path / "a.safetensors")
+    model.load_adapter(tmp_path / "b.safetensors", name="b")  # the same base, though its weights hold a
+    clean = AdapterModel(tiny_model("llama", seed=0)).eval()
+    clean.load_adapter(saved, name="a")
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(_hidden(clean, inputs, "a"), _hidden(model, inputs, "a"), atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter("a")
+    assert model.fingerprint() == clean.fingerprint()
+
+
+@pytest.mark.parametrize("before", [None, "h"])
+def test_unmerge_restores_the_active_adapter(before):
+    model = AdapterModel(tiny_model("bert")).eval()
+    model.add_adapter("a", AdapterConfig("lora"))
+    model.add_adapter("h", AdapterConfig("houlsby"))
+    _perturb(model)
+    model.set_active_adapter(before)
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        expected = _hidden(model, inputs, None)  # the default route: ``before``
+        model.merge_adapter("a")
+        assert model.active_adapter == "a"
+        model.unmerge_adapter("a")
+        assert model.active_adapter == before
+        assert torch.equal(_hidden(model, inputs, None), expected)
+
+
+def test_dora_reads_no_merged_weights(tmp_path):
+    """DoRA's magnitude starts at ||W|| of the base: with another adapter merged into W, adding,
+    loading or exporting a DoRA adapter is refused (it would take the merged W for the base's)."""
+    from adapterkit.interop import InteropError, export
+
+    model = AdapterModel(tiny_model("bert")).eval()
+    model.add_adapter("a", AdapterConfig("lora"))
+    model.add_adapter("d", AdapterConfig("lora", dora=True))
+    _perturb(model)
+    path = model.save_adapter("d", tmp_path / "d.safetensors")
+    model.merge_adapter("a")
+    with pytest.raises(ValueError, match="DoRA adapter reads the base weights"):
+        model.add_adapter("d2", AdapterConfig("lora", dora=True))
+    with pytest.raises(ValueError, match="DoRA adapter reads the base weights"):
+        model.load_adapter(path, name="d3")
+    with pytest.raises(InteropError, match="unmerge_adapter"):
+        export(model, "d", tmp_path / "peft", to="peft")
+    assert model.list_adapters() == ["a", "d"]
+    model.unmerge_adapter("a")
+    model.add_adapter("d2", AdapterConfig("lora", dora=True))  # the base's own W: the identity
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        assert (_hidden(model, inputs, "d2") - _hidden(model, inputs, None)).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
@@ -159,7 +227,8 @@ def test_bottleneck_metadata_has_no_lora_keys():
     [
         (dict(kind="lora", targets=["q", "x"]), "LoRA targets must be"),
         (dict(kind="lora", targets=[]), "LoRA targets must be"),
-        (dict(kind="lora", alpha=0), "alpha must be a positive number"),
+        (dict(kind="lora", alpha=0), "alpha must be a finite positive number"),
+        (dict(kind="lora", alpha=float("inf")), "alpha must be a finite positive number"),
         (dict(kind="lora", rslora="yes"), "rslora must be True or False"),
         (dict(kind="lora", scaling=2.0), "set alpha"),
         (dict(kind="ia3", targets=["q"]), "IA3 targets must be"),

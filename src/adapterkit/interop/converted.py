@@ -61,7 +61,11 @@ def install(model: AdapterModel, converted: Converted, name: str, dtype: torch.d
                 "converted tensor shapes do not fit this model: "
                 + "; ".join(f"{k} {tuple(converted.tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:4])
             )
-        adapter.load_state_dict({k: t.to(expected[k].dtype) for k, t in converted.tensors.items()}, strict=True)
+        cast = {k: t.to(expected[k].dtype) for k, t in converted.tensors.items()}
+        bad = [k for k, t in cast.items() if not torch.isfinite(t).all()]  # after the cast: 1e300 is inf in fp32
+        if bad:
+            raise InteropError(f"converted tensor {bad[0]!r} holds values that are not finite in {expected[bad[0]].dtype}")
+        adapter.load_state_dict(cast, strict=True)
     except Exception:
         model.delete_adapter(name)
         raise
@@ -87,13 +91,31 @@ def load_weight_file(folder: Path, names: tuple[str, str]) -> dict[str, torch.Te
     ``torch.load(weights_only=True)``, from which nothing but a dict of tensors is accepted."""
     st, binary = folder / names[0], folder / names[1]
     if st.is_file():
-        return dict(load_file(str(st)))
-    if binary.is_file():
-        data = torch.load(str(binary), map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        try:
+            data = dict(load_file(str(st)))
+        except Exception as e:  # safetensors' own error type for a truncated or garbled file, OSError, ...
+            raise InteropError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        where = st
+    elif binary.is_file():
+        try:
+            data = torch.load(str(binary), map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or garbled archive, or a pickle asking for more than tensors
+            if "Weights only load failed" in str(e):  # torch's restricted unpickler said no
+                raise InteropError(f"{binary}: refused by torch.load(weights_only=True): not a pickle of plain "
+                                   "tensors (none of its code was run)") from None
+            raise InteropError(f"{binary}: not a readable weights file ({type(e).__name__}: {str(e)[:120]})") from None
+        where = binary
+        if not isinstance(data, dict):
             raise InteropError(f"{binary}: not a dict of tensors")
-        return data
-    raise InteropError(f"{folder}: no {names[0]} (or {names[1]})")
+    else:
+        raise InteropError(f"{folder}: no {names[0]} (or {names[1]})")
+    for key, t in data.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            raise InteropError(f"{where}: not a dict of named tensors (entry {str(key)[:80]!r})")
+        if t.layout != torch.strided or not t.is_floating_point():
+            raise InteropError(f"{where}: tensor {key[:80]!r} is {t.dtype} ({t.layout}); adapter weights are "
+                               "dense floating-point tensors")
+    return data
 
 
 CONFIG_MAX_BYTES = 1 << 20  # a real adapter_config.json is a few KB: refuse before reading a huge one

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..artifact import MAX_BOTTLENECK_SIZE
 from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
 from ..kinds import ia3 as ia3_kind
@@ -119,10 +120,25 @@ def _refuse(config: dict[str, Any], refused: tuple, what: str) -> None:
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the module name's end."""
+    if not isinstance(patterns, dict | None):
+        raise InteropError(f"PEFT pattern {str(patterns)[:80]!r} must be an object of module patterns")
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise InteropError(f"PEFT pattern {key[:80]!r} is not a regular expression ({e})") from None
+        if hit:
             return value
     return default
+
+
+def _number(value: Any, what: str, positive: bool = True) -> float:
+    """A config number: an int or float (not a bool), finite, and > 0 where ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (
+        positive and value <= 0
+    ):
+        raise InteropError(f"PEFT LoRA {what}={str(value)[:40]!r} must be a finite{' positive' if positive else ''} number")
+    return float(value)
 
 
 def _take(weights: dict[str, torch.Tensor], suffix: str) -> dict[str, torch.Tensor]:
@@ -150,8 +166,13 @@ def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: M
         lacking = sorted(set(a_by_module) - set(m_by_module)) or sorted(set(m_by_module) - set(a_by_module))
         raise InteropError(f"PEFT DoRA weights need a lora_magnitude_vector for every LoRA module (and no other); "
                            f"not so for {lacking[0]!r}")
-    rslora = bool(config.get("use_rslora", False))
-    alpha0 = float(config.get("lora_alpha", 8))
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise InteropError(f"PEFT LoRA option use_rslora={str(rslora)[:40]!r} must be true or false")
+    alpha0 = _number(config.get("lora_alpha", 8), "lora_alpha")
+    dropout = _number(config.get("lora_dropout", 0.0) or 0.0, "lora_dropout", positive=False)
+    if not 0 <= dropout < 1:
+        raise InteropError(f"PEFT LoRA lora_dropout={dropout} must be in [0, 1)")
     sites: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for module, a in a_by_module.items():
@@ -164,8 +185,12 @@ def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: M
         if not targets:
             raise InteropError(f"PEFT LoRA targets module {module!r}, which is not one of adapterkit's LoRA positions "
                                f"({', '.join(lora_kind.TARGETS)}) on this model")
+        # shapes before any use: A (r, in), B (out, r), 1 <= r <= the cap a loaded artifact has
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or not 1 <= a.shape[0] <= MAX_BOTTLENECK_SIZE:
+            raise InteropError(f"PEFT LoRA of {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
+                               f"(r, in) and (out, r) with 1 <= r <= {MAX_BOTTLENECK_SIZE}")
         r = a.shape[0]
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha0))
+        alpha = _number(_pattern_value(config.get("alpha_pattern"), module, alpha0), f"alpha_pattern[{module!r}]")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         for t in targets:
             part = b if t.part is None else t.part.take(b, 0)
@@ -179,10 +204,14 @@ def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: M
     positions = [p for p in lora_kind.TARGETS if any(pos == p for _, pos in sites)]
     layers = sorted({layer for layer, _ in sites})
     cfg = AdapterConfig("lora", bottleneck_size=rank, alpha=alpha, rslora=rslora, targets=positions,
-                        dropout=float(config.get("lora_dropout", 0.0) or 0.0), dora=dora,
-                        leave_out=[i for i in range(model.num_layers) if i not in layers])
+                        dropout=dropout, dora=dora, leave_out=[i for i in range(model.num_layers) if i not in layers])
     tensors: dict[str, torch.Tensor] = {}
     dims = model._site_dims("lora", positions)
+    for (layer, p), (a, b, _) in sites.items():  # every fit checked before the zero-padded tensors are made
+        n_in, n_out = dims[layer][p]
+        if a.shape[1] != n_in or b.shape[0] != n_out:
+            raise InteropError(f"PEFT LoRA at layer {layer} {p}: A {tuple(a.shape)}, B {tuple(b.shape)} "
+                               f"do not fit the projection ({n_in} -> {n_out})")
     for layer in layers:
         for p in positions:
             n_in, n_out = dims[layer][p]
@@ -190,9 +219,6 @@ def _read_lora(config: dict[str, Any], weights: dict[str, torch.Tensor], mmap: M
             b_full = torch.zeros(n_out, rank)
             if (layer, p) in sites:
                 a, b, scale = sites[(layer, p)]
-                if a.shape[1] != n_in or b.shape[0] != n_out:
-                    raise InteropError(f"PEFT LoRA at layer {layer} {p}: A {tuple(a.shape)}, B {tuple(b.shape)} "
-                                       f"do not fit the projection ({n_in} -> {n_out})")
                 a_full[: a.shape[0]] = a.float()
                 b_full[:, : a.shape[0]] = b.float() * (scale / common)
             tensors[f"layers.{layer}.{p}.A"] = a_full
@@ -315,6 +341,9 @@ def write_peft(model: AdapterModel, name: str, out: str | Path) -> Path:
     if cfg.kind not in ("lora", "ia3"):
         raise InteropError(f"adapter {name!r} is of kind {cfg.kind!r}; PEFT has LoRA and IA3 but no bottleneck adapters "
                            "(export it with --to adapters)")
+    if cfg.dora and model.merged_adapter is not None:  # a fused projection's magnitude reads ||W||
+        raise InteropError(f"adapter {name!r} is DoRA and adapter {model.merged_adapter!r} is merged into the base "
+                           f"weights; unmerge_adapter({model.merged_adapter!r}) before exporting")
     _refuse_norms(adapter, name, "PEFT")
     mmap = ModuleMap(model)
     head_type = adapter.task.get("type")
