@@ -11,30 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from allocations import AllocatedBytes
 from safetensors import safe_open
 from safetensors.torch import save
 from tinymodels import tiny_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import adapterkit as ak
 from adapterkit.artifact import METADATA_KEY, ArtifactError
-
-
-class AllocatedBytes(TorchDispatchMode):
-    """Bytes of every (non-meta) tensor created by an operator while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self.bytes += t.numel() * t.element_size()
-        return out
 
 
 @pytest.fixture(scope="module")

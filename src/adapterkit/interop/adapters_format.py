@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
+from ..artifact import MAX_BOTTLENECK_SIZE
 from ..atomic_io import atomic_write_bytes
 from ..config import AdapterConfig
 from .card import exported_base_id
@@ -127,6 +128,9 @@ def _read_bottleneck(config: dict[str, Any], name: str | None, weights: dict[str
     for key, value in _REQUIRED.items():
         if config.get(key, value) != value and not (value is None and not config.get(key)):
             raise InteropError(f"adapters-library option {key}={config.get(key)!r} has no exact adapterkit equivalent")
+    for key in ("is_parallel", "mh_adapter", "output_adapter"):
+        if not isinstance(config.get(key, False), bool | None):
+            raise InteropError(f"adapters-library option {key}={str(config.get(key))[:40]!r} must be true or false")
     flags = (bool(config.get("is_parallel", False)), bool(config.get("mh_adapter")), bool(config.get("output_adapter")))
     kind = _KINDS.get(flags)
     if kind is None:
@@ -142,8 +146,12 @@ def _read_bottleneck(config: dict[str, Any], name: str | None, weights: dict[str
                            f"equivalent (relu, swish, gelu, tanh do)")
     scaling = config.get("scaling", 1.0)
     learned = scaling in ("learned", "channel")
-    if not learned and not isinstance(scaling, int | float):
-        raise InteropError(f"adapters-library option scaling={scaling!r} is not supported")
+    if not learned and (isinstance(scaling, bool) or not isinstance(scaling, int | float) or not 0 < scaling < math.inf):
+        raise InteropError(f"adapters-library option scaling={str(scaling)[:40]!r} is not supported (a finite "
+                           "positive number, 'learned' or 'channel' are)")
+    dropout = config.get("dropout", 0.0) or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise InteropError(f"adapters-library option dropout={str(dropout)[:40]!r} must be a number in [0, 1)")
     # group tensors by the module the adapter sits in: "<module>.adapters.<name>.<param>"
     sites: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     prefix = mmap.prefix + "." if mmap.prefix else ""
@@ -152,25 +160,37 @@ def _read_bottleneck(config: dict[str, Any], name: str | None, weights: dict[str
         if marker not in key:
             raise InteropError(f"tensor {key!r} is no bottleneck adapter weight (invertible adapters and fusion are not supported)")
         module, rest = key.split(marker, 1)
+        if "." not in rest:
+            raise InteropError(f"tensor {key[:120]!r} is no bottleneck adapter weight (<module>.adapters.<name>.<param>)")
         _, param = rest.split(".", 1)
         module = module[len(prefix):] if prefix and module.startswith(prefix) else module
         position = _position_of(module, mmap, kind)
         sites.setdefault(position, {})[param] = weights.pop(key)
     positions = _KIND_POSITIONS[kind]
+    d = model.hidden_size
     width = 0
     for (layer, position), params in sites.items():
         expected = {"adapter_down.0.weight", "adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias"} | (
             {"scaling"} if learned else set())
         if set(params) != expected:
             raise InteropError(f"layer {layer} {position}: adapter tensors {sorted(params)}; expected {sorted(expected)}")
-        width = max(width, params["adapter_down.0.weight"].shape[0])
+        # every shape checked before the zero padding to the widest bottleneck is allocated
+        down, up = params["adapter_down.0.weight"], params["adapter_up.weight"]
+        r = down.shape[0] if down.dim() == 2 else 0
+        shapes_fit = (down.shape == (r, d) and up.shape == (d, r) and params["adapter_down.0.bias"].shape == (r,)
+                      and params["adapter_up.bias"].shape == (d,)
+                      and (not learned or params["scaling"].shape in ((1,), (d,))))
+        if not shapes_fit or not 1 <= r <= MAX_BOTTLENECK_SIZE:
+            raise InteropError(f"layer {layer} {position}: down {tuple(down.shape)}, up {tuple(up.shape)} are not "
+                               f"(r, {d}) and ({d}, r) with 1 <= r <= {MAX_BOTTLENECK_SIZE}, or their biases or "
+                               "scaling do not fit")
+        width = max(width, r)
     if not sites:
         raise InteropError("no adapter weights in the folder")
     layers = sorted({layer for layer, _ in sites})
-    cfg = AdapterConfig(kind, bottleneck_size=width, activation=activation, dropout=float(config.get("dropout", 0.0) or 0.0),
+    cfg = AdapterConfig(kind, bottleneck_size=width, activation=activation, dropout=float(dropout),
                         scaling=1.0 if learned else float(scaling), train_layer_norms=False,
                         leave_out=[i for i in range(model.num_layers) if i not in layers])
-    d = model.hidden_size
     tensors: dict[str, torch.Tensor] = {}
     for layer in layers:
         for position in positions:
@@ -183,8 +203,6 @@ def _read_bottleneck(config: dict[str, Any], name: str | None, weights: dict[str
                 s = params["scaling"].float()
                 up_w, up_b = up_w * s.reshape(-1, 1), up_b * s.reshape(-1)
             r = down_w.shape[0]
-            if down_w.shape != (r, d) or up_w.shape != (d, r):
-                raise InteropError(f"layer {layer} {position}: down {tuple(down_w.shape)}, up {tuple(up_w.shape)} do not fit hidden size {d}")
             tensors[f"layers.{layer}.{position}.down.weight"] = torch.cat([down_w, torch.zeros(width - r, d)])
             tensors[f"layers.{layer}.{position}.down.bias"] = torch.cat([down_b, torch.zeros(width - r)])
             tensors[f"layers.{layer}.{position}.up.weight"] = torch.cat([up_w, torch.zeros(d, width - r)], dim=1)

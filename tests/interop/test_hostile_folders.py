@@ -1,19 +1,19 @@
-"""Hostile or broken PEFT folders, written by hand (no PEFT needed): every one is refused with an
-InteropError that says why, before anything is allocated from a size it claims, and the model is left
-as it was."""
+"""Hostile or broken foreign folders (PEFT's, written by hand; the adapters library's, exported by
+adapterkit and then edited; neither library needed): every one is refused with an InteropError that says
+why, before anything is allocated from a size it claims, and the model is left as it was."""
 
 from __future__ import annotations
 
 import json
-import tracemalloc
 
 import pytest
 import torch
+from allocations import AllocatedBytes
 from safetensors.torch import save_file
 from tinymodels import tiny_inputs, tiny_model
 
-from adapterkit import AdapterModel
-from adapterkit.interop import InteropError
+from adapterkit import AdapterConfig, AdapterModel
+from adapterkit.interop import InteropError, export
 
 MODULES = [f"encoder.layer.{i}.attention.self.query" for i in range(2)]  # tiny BERT: d 32, 2 layers
 
@@ -81,14 +81,9 @@ def test_a_hostile_lora_folder_is_refused_and_leaves_the_model_as_it_was(tmp_pat
     _write(tmp_path / "p", config, weights)
     model = AdapterModel(tiny_model("bert"))
     model.add_adapter("keep")
-    tracemalloc.start()
-    try:
-        with pytest.raises(InteropError, match=message):
-            model.load_adapter(tmp_path / "p", name="x")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 64 << 20  # nothing allocated from a claimed size (2**28 rows would be GBs)
+    with AllocatedBytes() as allocated, pytest.raises(InteropError, match=message):
+        model.load_adapter(tmp_path / "p", name="x")
+    assert allocated.bytes < 1 << 20  # nothing allocated from a claimed size (2**28 rows would be GBs)
     assert model.list_adapters() == ["keep"]
 
 
@@ -111,3 +106,55 @@ def test_a_bin_with_a_non_string_key_is_refused(tmp_path):
     _write(tmp_path / "p", weights=weights, binary=True)
     with pytest.raises(InteropError, match="named tensors"):
         AdapterModel(tiny_model("bert")).load_adapter(tmp_path / "p", name="x")
+
+
+def _adapters_folder(tmp_path, edit_config=None, edit_weights=None):
+    """An adapters-library folder of a Houlsby adapter (bottleneck 4), optionally edited."""
+    from safetensors.torch import load_file
+
+    model = AdapterModel(tiny_model("bert"))
+    model.add_adapter("h", AdapterConfig("houlsby", bottleneck_size=4))
+    folder = export(model, "h", tmp_path / "ad", to="adapters")
+    if edit_config:
+        meta = json.loads((folder / "adapter_config.json").read_text())
+        edit_config(meta["config"])
+        (folder / "adapter_config.json").write_text(json.dumps(meta))
+    if edit_weights:
+        path = folder / "adapter.safetensors"
+        weights = load_file(str(path))
+        edit_weights(weights)
+        save_file(weights, str(path))
+    return folder
+
+
+def _first(weights: dict, suffix: str) -> str:
+    return sorted(k for k in weights if k.endswith(suffix))[0]
+
+
+ADAPTERS_CASES = {
+    # a zero-byte down projection claiming a bottleneck of 2**28: the others would be padded to it
+    "a huge claimed width": (None, lambda w: w.update({_first(w, "adapter_down.0.weight"): torch.zeros(2**28, 0)}),
+                             "1 <= r"),
+    "up of another width": (None, lambda w: w.update({_first(w, "adapter_up.weight"): torch.zeros(32, 3)}), "do not fit"),
+    "a bias of another size": (None, lambda w: w.update({_first(w, "adapter_up.bias"): torch.zeros(5)}), "do not fit"),
+    "a flag as a string": (lambda c: c.update(is_parallel="false"), None, "is_parallel"),
+    "infinite scaling": (lambda c: c.update(scaling=float("inf")), None, "scaling"),
+    "dropout as a string": (lambda c: c.update(dropout="0.1"), None, "dropout"),
+    "a tensor name without a parameter": (None, lambda w: w.update({"bert.encoder.layer.0.output.adapters.h": torch.ones(2)}),
+                                          "no bottleneck adapter weight"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTERS_CASES))
+def test_a_hostile_adapters_library_folder_is_refused(tmp_path, case):
+    edit_config, edit_weights, message = ADAPTERS_CASES[case]
+    folder = _adapters_folder(tmp_path)
+    model = AdapterModel(tiny_model("bert"))
+    with AllocatedBytes() as counted:
+        model.load_adapter(folder, name="baseline")  # the unedited export loads
+    assert counted.bytes > 0  # the counter sees a load's tensors
+    folder = _adapters_folder(tmp_path / "edited", edit_config, edit_weights)
+    with AllocatedBytes() as allocated, pytest.raises(InteropError, match=message):
+        model.load_adapter(folder, name="x")
+    assert allocated.bytes < 1 << 20
+    assert model.list_adapters() == ["baseline"]
