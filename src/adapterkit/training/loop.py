@@ -16,6 +16,7 @@ and rank 0 alone writes files.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -213,6 +214,7 @@ def fit(
     """
     cfg = config or TrainConfig()
     dist = init_distributed(cfg.device)
+    run = None
     try:
         run = _prepare(model, name, train_data, validation_data, tokenizer, Path(out), cfg, description, dist,
                        route)
@@ -224,7 +226,18 @@ def fit(
                 _end_of_epoch(run)
         return _finish(run)
     finally:
+        if run is not None and dist.world > 1:
+            _release_ddp(run)
         close_distributed(dist)
+
+
+def _release_ddp(run: _Run) -> None:
+    """Free the DDP wrapper while the process group is still registered. Its C++ reducer holds a
+    reference to the group; freed after ``destroy_process_group``, it would drop the last one and run
+    gloo's destructor with the GIL held, which joins a worker thread that may be waiting for the GIL
+    to free a finished collective's tensors: a deadlock seen at the end of 2-process runs."""
+    run.wrapped = run.model
+    gc.collect()  # DDP's own reference cycles, if any
 
 
 def _prepare(
