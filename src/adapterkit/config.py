@@ -14,6 +14,14 @@ KINDS: tuple[str, ...] = tuple(_KIND_REGISTRY)
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh")
 
 
+def is_finite_number(value: Any, *, positive: bool = False) -> bool:
+    """An int or float (a bool is neither here) that is finite, and > 0 where ``positive``: what every
+    numeric option read from a user or a file must be."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > 0 or not positive
+
+
 @dataclass
 class AdapterConfig:
     """How one task's adapter is shaped.
@@ -113,7 +121,7 @@ class AdapterConfig:
         self.leave_out = sorted(set(self.leave_out))
         if self.scaling is None:
             self.scaling = kind.default_scaling
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, int | float) or not 0 < self.scaling < math.inf:
+        if not is_finite_number(self.scaling, positive=True):
             raise ValueError(f"AdapterConfig.scaling must be a finite positive number; got {self.scaling!r}")
         self.scaling = float(self.scaling)
         if self.train_layer_norms is None:

@@ -232,6 +232,9 @@ class AdapterModel(nn.Module):
         bad = [i for i in config.leave_out if i >= self.num_layers]
         if bad:
             raise ValueError(f"leave_out has layer indices {bad}, but this model has {self.num_layers} layers (0..{self.num_layers - 1})")
+        if config.dora and self._merged is not None:  # its magnitude starts at ||W||: the base's W
+            raise ValueError(f"a DoRA adapter reads the base weights, which hold merged adapter "
+                             f"{self._merged.name!r}; unmerge_adapter({self._merged.name!r}) first")
         factory = self._factory(dtype)
         head, head_spec = self._new_head(task_type, labels, head_dropout, factory)
         positions = config.sites
@@ -245,9 +248,6 @@ class AdapterModel(nn.Module):
             dims_per_layer=self._site_dims(config.kind, positions) if config.kind_spec.sized_by_site else None,
             **factory,
         )
-        if config.dora and self._merged is not None:  # its magnitude starts at ||W||: the base's W
-            raise ValueError(f"a DoRA adapter reads the base weights, which hold merged adapter "
-                             f"{self._merged.name!r}; unmerge_adapter({self._merged.name!r}) first")
         for (layer, position), module in adapter._lookup().items():
             bind = getattr(module, "bind_projection", None)  # DoRA reads the projection's weight
             if bind is not None and isinstance(position, str):

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from ..artifact import MAX_BOTTLENECK_SIZE
 from ..atomic_io import atomic_write_bytes
-from ..config import AdapterConfig
+from ..config import AdapterConfig, is_finite_number
 from .card import exported_base_id
 from .converted import Converted, labels_for, load_weight_file, read_json_object
 from .module_map import InteropError, ModuleMap
@@ -146,11 +146,11 @@ def _read_bottleneck(config: dict[str, Any], name: str | None, weights: dict[str
                            f"equivalent (relu, swish, gelu, tanh do)")
     scaling = config.get("scaling", 1.0)
     learned = scaling in ("learned", "channel")
-    if not learned and (isinstance(scaling, bool) or not isinstance(scaling, int | float) or not 0 < scaling < math.inf):
+    if not learned and not is_finite_number(scaling, positive=True):
         raise InteropError(f"adapters-library option scaling={str(scaling)[:40]!r} is not supported (a finite "
                            "positive number, 'learned' or 'channel' are)")
     dropout = config.get("dropout", 0.0) or 0.0
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+    if not is_finite_number(dropout) or not 0 <= dropout < 1:
         raise InteropError(f"adapters-library option dropout={str(dropout)[:40]!r} must be a number in [0, 1)")
     # group tensors by the module the adapter sits in: "<module>.adapters.<name>.<param>"
     sites: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

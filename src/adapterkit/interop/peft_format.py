@@ -40,7 +40,7 @@ from torch import nn
 
 from ..artifact import MAX_BOTTLENECK_SIZE
 from ..atomic_io import atomic_write_bytes
-from ..config import AdapterConfig
+from ..config import AdapterConfig, is_finite_number
 from ..kinds import ia3 as ia3_kind
 from ..kinds import lora as lora_kind
 from ..kinds.interface import POSITIONS
@@ -134,9 +134,7 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def _number(value: Any, what: str, positive: bool = True) -> float:
     """A config number: an int or float (not a bool), finite, and > 0 where ``positive``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (
-        positive and value <= 0
-    ):
+    if not is_finite_number(value, positive=positive):
         raise InteropError(f"PEFT LoRA {what}={str(value)[:40]!r} must be a finite{' positive' if positive else ''} number")
     return float(value)
 

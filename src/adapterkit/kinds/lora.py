@@ -314,7 +314,8 @@ def _prepare(config: AdapterConfig) -> None:
     if bad or not targets or not isinstance(targets, list):
         raise ValueError(f"LoRA targets must be a non-empty list of {', '.join(TARGETS)}; got {config.targets!r}")
     config.targets = [t for t in TARGETS if t in targets]  # canonical order, no duplicates
-    if config.alpha is not None and (isinstance(config.alpha, bool) or not isinstance(config.alpha, int | float) or not 0 < config.alpha < math.inf):
+    if config.alpha is not None and (isinstance(config.alpha, bool) or not isinstance(config.alpha, int | float)
+                                     or not 0 < config.alpha < math.inf):  # config.is_finite_number (it imports us)
         raise ValueError(f"AdapterConfig.alpha must be a finite positive number; got {config.alpha!r}")
     if config.alpha is not None:
         config.alpha = float(config.alpha)
